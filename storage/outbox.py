@@ -172,3 +172,10 @@ async def backlog(session: AsyncSession) -> int:
         select(func.count()).select_from(Delivery).where(Delivery.state.in_([DeliveryState.QUEUED, DeliveryState.SENDING]))
     )
     return int(count or 0)
+
+
+async def forget_person(session: AsyncSession, telegram_id: int) -> None:
+    """Erase every message addressed to this person (they may quote their own words)."""
+    from sqlalchemy import delete
+
+    await session.execute(delete(Delivery).where(Delivery.chat_id == telegram_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import String, delete, select
+from sqlalchemy import String, delete, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +43,24 @@ async def claim_update(session: AsyncSession, update_id: int) -> bool:
     stmt = _insert(session)(ProcessedUpdate).values(update_id=update_id, processed_at=utcnow())
     result = await session.execute(stmt.on_conflict_do_nothing(index_elements=["update_id"]))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def update_seen(session: AsyncSession, update_id: int) -> bool:
+    """True when ``update_id`` was already processed."""
+    return await session.get(ProcessedUpdate, update_id) is not None
+
+
+async def forget_user_state(session: AsyncSession, telegram_id: int) -> None:
+    """Erase the persisted chat data, user data and conversation states of one person."""
+    uid = int(telegram_id)
+    # Conversation keys are JSON lists such as "[chat_id, user_id]".
+    in_key = or_(*(PersistedState.key.like(p) for p in (f"[{uid}]", f"[{uid}, %", f"%, {uid}]", f"%, {uid}, %")))
+    await session.execute(
+        delete(PersistedState).where(
+            PersistedState.kind.in_(["user", "chat"]) & (PersistedState.key == str(uid))
+            | PersistedState.kind.like("conversation:%") & in_key
+        )
+    )
 
 
 async def forget_update_ids_before(session: AsyncSession, before: dt.datetime) -> None:

@@ -7,10 +7,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from storage.db import Database
+
+if TYPE_CHECKING:
+    from bot.embedded import EmbeddedBot
 from storage.models import create_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +66,15 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
         yield database
     finally:
         await _drop_database(database)
+
+
+@pytest.fixture
+async def bot_env(db: Database) -> AsyncIterator[EmbeddedBot]:
+    """The real bot polling the Bot API emulator over HTTP, on the test database."""
+    from bot.embedded import EmbeddedBot
+
+    env = await EmbeddedBot.start(db)
+    try:
+        yield env
+    finally:
+        await env.stop()

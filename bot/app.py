@@ -1,0 +1,131 @@
+"""Assembly: the python-telegram-bot ``Application`` with its services, persistence, dispatcher
+and every handler, registered in one visible place."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from telegram import Update
+from telegram.ext import Application, ContextTypes, TypeHandler
+
+from bot.commands import set_default_menu, set_personal_menu
+from bot.context import Services, services
+from bot.dispatcher import Dispatcher
+from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_processed
+from bot.persistence import DatabasePersistence
+from bot.settings import Settings
+from bot.ui import reply
+from handlers import account
+from storage.db import Database
+from storage.people import Role, list_staff
+from storage.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+def file_url(api_url: str) -> str:
+    """The file download URL that goes with a Bot API URL (``…/bot`` → ``…/file/bot``)."""
+    base = api_url.rstrip("/")
+    return base[: -len("/bot")] + "/file/bot" if base.endswith("/bot") else base + "/file/bot"
+
+
+def make_circulation(settings: Settings, db: Database, policy: Policy) -> Any:
+    """The circulation service: the local store, or the library's own system over SIP2."""
+    try:
+        from storage.ils import make_circulation_service
+    except ImportError:  # circulation not installed in this build
+        return None
+    return make_circulation_service(settings.ils, db, policy, settings.tz, settings)
+
+
+def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
+    """Every handler, in the order python-telegram-bot must try them.
+
+    Groups run in ascending order and every group sees the update; within a group the first
+    matching handler wins. Negative groups are the gate every update passes; group 0 holds the
+    features, with the conversations before plain commands (a conversation in progress must see
+    the text typed in its steps) and the catalog search on plain text last; group 100 makes the
+    result durable.
+    """
+    app.add_handler(TypeHandler(Update, drop_without_sender), group=-3)
+    app.add_handler(TypeHandler(Update, drop_duplicates), group=-2)
+    app.add_handler(TypeHandler(Update, FloodControl()), group=-1)
+
+    account.register(app)  # /start (with invite deep links), /login conversation, /language, …
+
+    account.register_last(app)  # /cancel outside a conversation, unknown commands, stale buttons
+
+    app.add_handler(TypeHandler(Update, mark_processed), group=100)
+    app.add_error_handler(on_error)
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Log the failure (never the message text), and tell the person to try again."""
+    error = context.error
+    database_down = isinstance(error, (DBAPIError, OperationalError, OSError, ConnectionError))
+    log.error(
+        "error while handling update %s: %s",
+        getattr(update, "update_id", "?"),
+        "".join(traceback.format_exception_only(type(error), error)).strip() if error else "?",
+        exc_info=error if not database_down else None,
+    )
+    if isinstance(update, Update) and update.effective_chat is not None and update.effective_user is not None:
+        key = "common.try_again_later" if database_down else "common.error"
+        try:
+            await reply(update, context, key, lang=_fallback_language(update, context))
+        except Exception:  # nothing more can be done for this update
+            log.warning("could not tell the person about the error")
+
+
+def _fallback_language(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
+    code = (update.effective_user.language_code or "") if update.effective_user else ""
+    return "zh" if code.startswith("zh") else "en" if code.startswith("en") else services(context).default_language
+
+
+async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
+    svc = services(app)
+    await set_default_menu(app)
+    async with svc.db.session() as session:
+        members = await list_staff(session)
+    for member in members:
+        await set_personal_menu(app, member.telegram_id, Role.parse(member.role))
+    dispatcher = Dispatcher(
+        app.bot,
+        svc.db,
+        rate=svc.settings.effective_broadcast_rate,
+        default_language=svc.default_language,
+        clock=svc.now,
+        paid_broadcast=svc.settings.paid_broadcast,
+    )
+    app.bot_data["dispatcher"] = dispatcher
+    dispatcher.start()
+
+
+async def _post_shutdown(app: Application) -> None:  # type: ignore[type-arg]
+    dispatcher: Dispatcher | None = app.bot_data.get("dispatcher")
+    if dispatcher is not None:
+        await dispatcher.stop()
+    await services(app).db.dispose()
+
+
+def build_application(settings: Settings, db: Database, policy: Policy, token: str) -> Application:  # type: ignore[type-arg]
+    """The bot, ready to ``initialize()``; the database schema must already be up to date."""
+    app = (
+        Application.builder()
+        .token(token)
+        .base_url(settings.telegram_api_url)
+        .base_file_url(file_url(settings.telegram_api_url))
+        .persistence(DatabasePersistence(db))
+        .concurrent_updates(64)
+        .post_init(_post_init)
+        .post_shutdown(_post_shutdown)
+        .build()
+    )
+    app.bot_data["services"] = Services(
+        settings=settings, db=db, policy=policy, circulation=make_circulation(settings, db, policy)
+    )
+    register_handlers(app)
+    return app

@@ -1,0 +1,303 @@
+"""``librarybot``: the command line (see ``librarybot --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot.logs import configure_logging
+from bot.settings import Settings
+from storage.db import Database, utcnow
+from storage.models import create_schema
+from storage.people import Role, add_staff, create_invite, list_staff, remove_staff
+from storage.policy import Policy, PolicyError, load_policy
+
+
+class CliError(Exception):
+    """A failure explained in one line; the command exits with status 1."""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in exc.errors(include_url=False))
+        raise CliError(f"bad configuration: {problems}") from None
+
+
+def _policy(settings: Settings) -> Policy:
+    try:
+        return load_policy(settings.policy_file)
+    except PolicyError as exc:
+        raise CliError(f"bad policy file: {exc}") from None
+
+
+async def _database(settings: Settings) -> Database:
+    db = Database(settings.database_url)
+    if not await db.ping():
+        await db.dispose()
+        raise CliError("the database is not reachable: check LIBRARYBOT_DATABASE_URL")
+    await create_schema(db)
+    return db
+
+
+async def _with_db(work: Callable[[Database, Settings, Policy], Awaitable[int | None]]) -> int:
+    settings = _settings()
+    policy = _policy(settings)
+    db = await _database(settings)
+    try:
+        return await work(db, settings, policy) or 0
+    finally:
+        await db.dispose()
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bot.demo import run_demo
+
+    asyncio.run(run_demo(args.host, args.port, Path(args.data_dir)))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bot.runner import run
+
+    settings = _settings()
+    policy = _policy(settings)
+    try:
+        settings.token()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    secrets = [settings.token(), settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""]
+    configure_logging(settings.log_level, secrets)
+    asyncio.run(run(settings, policy, webhook=args.webhook))
+    return 0
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    async def work(db: Database, _s: Settings, _p: Policy) -> None:
+        print("database schema is up to date")
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_staff(args: argparse.Namespace) -> int:
+    async def work(db: Database, _s: Settings, _p: Policy) -> int:
+        async with db.session() as session:
+            if args.staff_command == "add":
+                role = _role(args.role)
+                await add_staff(session, args.telegram_id, role, args.name or "")
+                print(f"{args.telegram_id} is now {role.label}")
+            elif args.staff_command == "invite":
+                role = _role(args.role)
+                code = await create_invite(session, role, utcnow())
+                username = args.bot_username or "YOUR_BOT"
+                print(f"one-time invite for the role {role.label}, valid 24 hours:")
+                print(f"https://t.me/{username}?start=inv_{code}")
+            elif args.staff_command == "list":
+                members = await list_staff(session)
+                if not members:
+                    print("no staff yet")
+                for m in members:
+                    print(f"{m.telegram_id}\t{m.role}\t{m.name}")
+            elif args.staff_command == "remove":
+                if not await remove_staff(session, args.telegram_id):
+                    raise CliError(f"{args.telegram_id} is not a staff member")
+                print(f"{args.telegram_id} removed from the staff")
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def _role(name: str) -> Role:
+    try:
+        role = Role.parse(name)
+    except KeyError:
+        role = Role.VISITOR
+    if role < Role.STAFF:
+        raise CliError(f"unknown role {name!r}: use staff, duty_officer or admin")
+    return role
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        if args.kind == "catalog":
+            from storage.catalog_import import CatalogImportError, import_catalog
+
+            try:
+                report = await import_catalog(db, [Path(p) for p in args.paths], args.format, progress=sys.stderr.isatty())
+            except CatalogImportError as exc:
+                raise CliError(str(exc)) from None
+        else:
+            from storage import circ_import
+
+            importer = {"readers": circ_import.import_readers, "items": circ_import.import_items, "loans": circ_import.import_loans}[args.kind]
+            path = Path(args.paths[0])
+            if not path.is_file():
+                raise CliError(f"file not found: {path}")
+            report = await importer(db, path, policy=policy, now=utcnow(), staff_chat_id=settings.staff_chat_id)
+        for line in report.lines():
+            print(line)
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_circ(args: argparse.Namespace) -> int:
+    async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        from storage import circulation
+
+        async with db.session() as session:
+            if args.circ_command == "checkout":
+                result = await circulation.checkout(session, args.barcode, args.card, policy, utcnow(), settings.tz)
+            else:
+                result = await circulation.checkin(session, args.barcode, policy, utcnow(), settings.tz)
+        print(result.describe())
+        return 0 if result.ok else 1
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_notices(args: argparse.Namespace) -> int:
+    async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        from storage.notices import run_notice_cycle
+
+        day = _date(args.date) if args.date else utcnow().astimezone(settings.tz).date()
+        report = await run_notice_cycle(db, policy, day, settings.tz, staff_chat_id=settings.staff_chat_id)
+        for line in report.lines():
+            print(line)
+        print("notices are queued; the running bot delivers them")
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    async def work(db: Database, settings: Settings, _p: Policy) -> int:
+        from storage.stats import service_stats
+
+        since = _date(args.since) if args.since else None
+        until = _date(args.until) if args.until else None
+        async with db.session() as session:
+            report = await service_stats(session, since, until, settings.tz, utcnow())
+        print(report.to_csv() if args.format == "csv" else report.to_text())
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_sip2_check(_args: argparse.Namespace) -> int:
+    from storage.sip2.client import check_report
+
+    settings = _settings()
+    from storage.ils import sip2_config
+
+    print(asyncio.run(check_report(sip2_config(settings))))
+    return 0
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"not a date (YYYY-MM-DD): {text}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="librarybot", description="The library's messaging front desk on Telegram.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="everything embedded: a web chat page talking to the real bot")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--data-dir", default=".librarybot-demo")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="the production bot against Telegram")
+    run.add_argument("--webhook", action="store_true", help="serve the webhook instead of long polling")
+    run.set_defaults(func=cmd_run)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply the migrations").set_defaults(func=cmd_db_upgrade)
+
+    imp = sub.add_parser("import", help="load catalog records, readers, items or loans")
+    imp_sub = imp.add_subparsers(dest="kind", required=True)
+    catalog = imp_sub.add_parser("catalog", help="MARC 21, MARCXML, CNMARC XML or CSV; .gz read directly")
+    catalog.add_argument("paths", nargs="+")
+    catalog.add_argument("--format", default="auto", choices=["auto", "marc21", "marcxml", "cnmarc", "csv"])
+    for kind, columns in (
+        ("readers", "card_number,name,pin,category,expires_on"),
+        ("items", "barcode,record_id,location,call_number,item_type,status"),
+        ("loans", "barcode,card_number,checked_out_at,due_at,renewals"),
+    ):
+        p = imp_sub.add_parser(kind, help=f"CSV with columns {columns}")
+        p.add_argument("paths", nargs=1, metavar="PATH.csv")
+    imp.set_defaults(func=cmd_import)
+
+    circ = sub.add_parser("circ", help="minimal circulation")
+    circ_sub = circ.add_subparsers(dest="circ_command", required=True)
+    co = circ_sub.add_parser("checkout", help="lend an item to a card")
+    co.add_argument("barcode")
+    co.add_argument("card")
+    ret = circ_sub.add_parser("return", help="return an item (fills the next hold)")
+    ret.add_argument("barcode")
+    circ.set_defaults(func=cmd_circ)
+
+    staff = sub.add_parser("staff", help="staff management")
+    staff_sub = staff.add_subparsers(dest="staff_command", required=True)
+    add = staff_sub.add_parser("add", help="grant a role to a Telegram user id")
+    add.add_argument("telegram_id", type=int)
+    add.add_argument("--role", required=True)
+    add.add_argument("--name", default="")
+    invite = staff_sub.add_parser("invite", help="a one-time invite deep link (24 hours)")
+    invite.add_argument("--role", required=True)
+    invite.add_argument("--bot-username", default=None, help="the bot's @username, for the link")
+    staff_sub.add_parser("list", help="list staff")
+    remove = staff_sub.add_parser("remove", help="withdraw every staff right")
+    remove.add_argument("telegram_id", type=int)
+    staff.set_defaults(func=cmd_staff)
+
+    notices = sub.add_parser("notices", help="the daily notice cycle")
+    notices_sub = notices.add_subparsers(dest="notices_command", required=True)
+    nrun = notices_sub.add_parser("run", help="run the cycle now (idempotent)")
+    nrun.add_argument("--date", default=None)
+    notices.set_defaults(func=cmd_notices)
+
+    stats = sub.add_parser("stats", help="service statistics")
+    stats.add_argument("--since", default=None)
+    stats.add_argument("--until", default=None)
+    stats.add_argument("--format", default="text", choices=["text", "csv"])
+    stats.set_defaults(func=cmd_stats)
+
+    sip2 = sub.add_parser("sip2", help="the link to the library system")
+    sip2_sub = sip2.add_subparsers(dest="sip2_command", required=True)
+    sip2_sub.add_parser("check", help="log in, ask SC status and show what the server supports").set_defaults(func=cmd_sip2_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run", "demo"):
+        configure_logging("WARNING")
+    try:
+        result: Any = args.func(args)
+        return int(result or 0)
+    except CliError as exc:
+        print(f"librarybot: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""python-telegram-bot persistence kept in the database (not a pickle file), so that a conversation
+survives a restart and several bot processes share it. Values must be JSON-serialisable."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from telegram.ext import BasePersistence, PersistenceInput
+
+from storage.db import Database
+from storage.state import load_state, save_state
+
+ConversationDict = dict[tuple[str | int, ...], object]
+
+
+class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[str, Any]]):
+    """Conversations, user data and chat data in the ``persisted_state`` table."""
+
+    def __init__(self, db: Database, update_interval: float = 60) -> None:
+        # bot_data holds live services, never persisted; callback data is plain strings.
+        super().__init__(PersistenceInput(bot_data=False, callback_data=False), update_interval=update_interval)
+        self.db = db
+
+    async def _load(self, kind: str) -> dict[str, dict[str, Any]]:
+        async with self.db.session() as session:
+            return await load_state(session, kind)
+
+    async def _save(self, kind: str, key: str, value: dict[str, Any] | None) -> None:
+        async with self.db.session() as session:
+            await save_state(session, kind, key, value)
+
+    async def get_user_data(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in (await self._load("user")).items()}
+
+    async def get_chat_data(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in (await self._load("chat")).items()}
+
+    async def get_bot_data(self) -> dict[str, Any]:
+        return {}
+
+    async def get_callback_data(self) -> None:
+        return None
+
+    async def get_conversations(self, name: str) -> ConversationDict:
+        rows = await self._load(f"conversation:{name}")
+        return {tuple(json.loads(k)): v["state"] for k, v in rows.items()}
+
+    async def update_conversation(self, name: str, key: tuple[str | int, ...], new_state: object | None) -> None:
+        value = None if new_state is None else {"state": new_state}
+        await self._save(f"conversation:{name}", json.dumps(list(key)), value)
+
+    async def update_user_data(self, user_id: int, data: dict[str, Any]) -> None:
+        await self._save("user", str(user_id), _jsonable(data))
+
+    async def update_chat_data(self, chat_id: int, data: dict[str, Any]) -> None:
+        await self._save("chat", str(chat_id), _jsonable(data))
+
+    async def update_bot_data(self, data: dict[str, Any]) -> None:
+        return None
+
+    async def update_callback_data(self, data: Any) -> None:
+        return None
+
+    async def drop_user_data(self, user_id: int) -> None:
+        await self._save("user", str(user_id), None)
+
+    async def drop_chat_data(self, chat_id: int) -> None:
+        await self._save("chat", str(chat_id), None)
+
+    async def refresh_user_data(self, user_id: int, user_data: dict[str, Any]) -> None:
+        return None
+
+    async def refresh_chat_data(self, chat_id: int, chat_data: dict[str, Any]) -> None:
+        return None
+
+    async def refresh_bot_data(self, bot_data: dict[str, Any]) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The data as stored (an empty dict is deleted); values that JSON cannot hold are left out."""
+    if not data:
+        return None
+    return json.loads(json.dumps(data, default=lambda _value: None))

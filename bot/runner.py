@@ -1,0 +1,87 @@
+"""Running the bot: long polling or webhook, until SIGTERM/SIGINT, shutting down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from urllib.parse import urlparse
+
+from aiohttp import web
+from telegram import Update
+from telegram.ext import Application
+
+from bot.app import build_application
+from bot.settings import Settings
+from bot.web import webhook_app
+from storage.db import Database
+from storage.models import create_schema
+from storage.policy import Policy
+
+log = logging.getLogger(__name__)
+
+
+async def start_bot(
+    settings: Settings, db: Database, policy: Policy, token: str, *, poll: bool = True, poll_timeout: int = 10
+) -> Application:  # type: ignore[type-arg]
+    """Build, initialise and start the bot; with ``poll`` it also starts long polling."""
+    app = build_application(settings, db, policy, token)
+    await app.initialize()
+    await app.start()
+    if poll:
+        assert app.updater is not None
+        await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES)
+    return app
+
+
+async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
+    """Stop taking updates, finish the ones in flight, flush the state, and close."""
+    if app.updater is not None and app.updater.running:
+        await app.updater.stop()
+    if app.running:
+        await app.stop()
+    await app.shutdown()
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run(settings: Settings, policy: Policy, *, webhook: bool) -> None:
+    """``librarybot run``: the production bot against Telegram (or another Bot API server)."""
+    token = settings.token()
+    db = Database(settings.database_url)
+    if not await db.ping():
+        raise SystemExit(f"the database is not reachable ({urlparse(settings.database_url).scheme}); check LIBRARYBOT_DATABASE_URL")
+    await create_schema(db)
+    app = await start_bot(settings, db, policy, token, poll=not webhook)
+    runner: web.AppRunner | None = None
+    try:
+        if webhook:
+            runner = await _serve_webhook(app, settings)
+        log.info("the bot is running (%s); stop it with SIGTERM or Ctrl-C", "webhook" if webhook else "long polling")
+        await wait_for_signal()
+        log.info("stopping: finishing the updates in flight")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await stop_bot(app)
+
+
+async def _serve_webhook(app: Application, settings: Settings) -> web.AppRunner:  # type: ignore[type-arg]
+    if not settings.webhook_url or settings.webhook_secret is None:
+        raise SystemExit("webhook mode needs LIBRARYBOT_WEBHOOK_URL and LIBRARYBOT_WEBHOOK_SECRET")
+    secret = settings.webhook_secret.get_secret_value()
+    path = urlparse(settings.webhook_url).path or "/webhook"
+    runner = web.AppRunner(webhook_app(app, secret, path))
+    await runner.setup()
+    host, port = settings.listen_address()
+    await web.TCPSite(runner, host, port).start()
+    await app.bot.set_webhook(settings.webhook_url, secret_token=secret, allowed_updates=Update.ALL_TYPES)
+    log.info("webhook served on %s:%s and registered with the Bot API", host, port)
+    return runner

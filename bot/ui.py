@@ -1,0 +1,146 @@
+"""Answering people: rendered replies, inline keyboards and the one pagination helper."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram.constants import ParseMode
+from telegram.error import BadRequest
+from telegram.ext import ContextTypes
+
+from bot.i18n import t
+
+T = TypeVar("T")
+
+# A button: (label, callback data). The label is a message id, or literal text after a leading "=".
+# Data starting with "https://" makes a link button.
+Button = tuple[str, str]
+MAX_TEXT = 4096
+
+
+def label(lang: str, text: str) -> str:
+    return text[1:] if text.startswith("=") else t(lang, text)
+
+
+def keyboard(lang: str, rows: Sequence[Sequence[Button]] | None) -> InlineKeyboardMarkup | None:
+    """An inline keyboard from rows of (label, data); None for no rows."""
+    if not rows:
+        return None
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(label(lang, text), url=data)
+                if data.startswith("https://")
+                else InlineKeyboardButton(label(lang, text), callback_data=data[:64])
+                for text, data in row
+            ]
+            for row in rows
+            if row
+        ]
+    )
+
+
+def escape(text: str) -> str:
+    """Text typed by a person, made safe for Telegram's HTML parse mode."""
+    return html.escape(text, quote=False)
+
+
+def fit(text: str) -> str:
+    """Cut a text to Telegram's 4,096-character limit (a cut text ends with an ellipsis)."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
+async def _lang(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str | None) -> str:
+    if lang is not None:
+        return lang
+    from bot.context import who
+
+    return (await who(update, context)).lang
+
+
+async def reply(
+    update: Update,
+    context: ContextTypes.DEFAULT_TYPE,
+    key: str,
+    *,
+    buttons: Sequence[Sequence[Button]] | None = None,
+    lang: str | None = None,
+    **params: Any,
+) -> Message:
+    """Send the message ``key`` to the chat of ``update`` in the person's language."""
+    lang = await _lang(update, context, lang)
+    chat = update.effective_chat
+    assert chat is not None
+    return await context.bot.send_message(
+        chat.id,
+        fit(t(lang, key, **params)),
+        parse_mode=ParseMode.HTML,
+        reply_markup=keyboard(lang, buttons),
+        disable_web_page_preview=True,
+    )
+
+
+async def edit(
+    update: Update,
+    context: ContextTypes.DEFAULT_TYPE,
+    key: str,
+    *,
+    buttons: Sequence[Sequence[Button]] | None = None,
+    lang: str | None = None,
+    **params: Any,
+) -> None:
+    """Replace the message whose button was pressed (or send a new one when that is impossible)."""
+    lang = await _lang(update, context, lang)
+    query = update.callback_query
+    text = fit(t(lang, key, **params))
+    if query is None or query.message is None or not isinstance(query.message, Message):
+        await reply(update, context, key, buttons=buttons, lang=lang, **params)
+        return
+    try:
+        await query.edit_message_text(
+            text, parse_mode=ParseMode.HTML, reply_markup=keyboard(lang, buttons), disable_web_page_preview=True
+        )
+    except BadRequest as exc:
+        if "not modified" not in str(exc).lower():
+            await reply(update, context, key, buttons=buttons, lang=lang, **params)
+
+
+async def answer(update: Update, context: ContextTypes.DEFAULT_TYPE, key: str | None = None, *, alert: bool = False, lang: str | None = None, **params: Any) -> None:
+    """Answer a button press (stops the spinner), optionally with a short notice."""
+    query = update.callback_query
+    if query is None:
+        return
+    text = None
+    if key is not None:
+        text = t(await _lang(update, context, lang), key, **params)[:200]
+    try:
+        await query.answer(text, show_alert=alert)
+    except BadRequest:
+        pass  # the press is too old to answer; nothing the person can see
+
+
+def paginate(items: Sequence[T], page: int, per_page: int, prefix: str) -> tuple[Sequence[T], list[Button]]:
+    """The items of ``page`` (0-based, clamped) and a row of Prev / n/m / Next buttons (empty for one page)."""
+    pages = max(1, -(-len(items) // per_page))
+    page = min(max(page, 0), pages - 1)
+    chunk = items[page * per_page : (page + 1) * per_page]
+    if pages == 1:
+        return chunk, []
+    row: list[Button] = []
+    if page > 0:
+        row.append(("common.prev", f"{prefix}:{page - 1}"))
+    row.append((f"={page + 1}/{pages}", "noop"))
+    if page < pages - 1:
+        row.append(("common.next", f"{prefix}:{page + 1}"))
+    return chunk, row
+
+
+def parse_page(data: str | None) -> int:
+    """The page number at the end of pagination callback data (0 for anything malformed)."""
+    try:
+        return max(0, int((data or "").rsplit(":", 1)[-1]))
+    except ValueError:
+        return 0

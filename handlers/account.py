@@ -1,0 +1,282 @@
+"""Getting started and the account: /start (and staff invites), /help, /language, /login, /logout,
+/privacy, /forgetme, /hours and /cancel."""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import Update
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    ConversationHandler,
+    MessageHandler,
+    filters,
+)
+
+from bot.commands import set_personal_menu
+from bot.context import services, who
+from bot.ui import answer, edit, escape, reply
+from storage.people import InviteOutcome, LoginOutcome, Role, login, logout, reader_of, redeem_invite
+from storage.privacy import forget_person
+
+log = logging.getLogger(__name__)
+
+CARD, PIN = "login:card", "login:pin"
+INVITE_PREFIX = "inv_"
+
+
+async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Welcome the person; a deep link ``/start inv_<code>`` redeems a staff invite."""
+    me = await who(update, context)
+    if context.args and context.args[0].startswith(INVITE_PREFIX):
+        await _redeem(update, context, context.args[0][len(INVITE_PREFIX) :])
+        return
+    key = "account.welcome_reader" if me.role >= Role.READER else "account.welcome"
+    await reply(update, context, key, lang=me.lang, name=escape(update.effective_user.first_name or ""))
+
+
+async def _redeem(update: Update, context: ContextTypes.DEFAULT_TYPE, code: str) -> None:
+    me = await who(update, context)
+    if not me.private:  # roles are granted in private chats only, never through a group
+        await reply(update, context, "account.invite_private_only", lang=me.lang)
+        return
+    svc = services(context)
+    async with svc.db.session() as session:
+        outcome, role = await redeem_invite(session, code, me.user_id, me.name, svc.now())
+    if outcome is InviteOutcome.INVALID or role is None:
+        await reply(update, context, "account.invite_invalid", lang=me.lang)
+        return
+    log.info("user %s joined the staff as %s through an invite", me.user_id, role.label)
+    await set_personal_menu(context.application, me.user_id, role)
+    await reply(update, context, "account.invite_granted", lang=me.lang, role=_role_name(me.lang, role))
+
+
+def _role_name(lang: str, role: Role) -> str:
+    from bot.i18n import t
+
+    return t(lang, f"account.role_{role.label}")
+
+
+async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """List what the person can do, by role."""
+    me = await who(update, context)
+    await reply(update, context, "account.help", lang=me.lang)
+    if me.role >= Role.STAFF:
+        await reply(update, context, "account.help_staff", lang=me.lang)
+    if me.role >= Role.DUTY_OFFICER:
+        await reply(update, context, "account.help_duty", lang=me.lang)
+
+
+async def language(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Offer the two languages as buttons."""
+    await reply(update, context, "account.choose_language", buttons=[[("=中文", "lang:zh"), ("=English", "lang:en")]])
+
+
+async def language_chosen(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Remember the chosen language and answer in it."""
+    choice = (update.callback_query.data or "").removeprefix("lang:")
+    if choice not in ("zh", "en"):
+        await answer(update, context, "common.stale_button", alert=True)
+        return
+    svc = services(context)
+    me = await who(update, context)
+    from storage.people import User
+
+    async with svc.db.session() as session:
+        user = await session.get(User, me.user_id)
+        if user is not None:
+            user.language = choice
+    await answer(update, context, lang=choice)
+    await edit(update, context, "account.language_set", lang=choice)
+    if me.role >= Role.STAFF:
+        await set_personal_menu(context.application, me.user_id, me.role)
+
+
+async def login_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """/login: with card and PIN in one message, log in at once; otherwise ask for the card."""
+    me = await who(update, context)
+    args = context.args or []
+    if len(args) >= 2:
+        await _delete_pin_message(update, context)
+        await _try_login(update, context, args[0], args[1])
+        return ConversationHandler.END
+    if len(args) == 1:
+        context.user_data["login_card"] = args[0][:64]
+        await reply(update, context, "account.ask_pin", lang=me.lang)
+        return PIN
+    await reply(update, context, "account.ask_card", lang=me.lang)
+    return CARD
+
+
+async def login_card(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
+    """Keep the card number and ask for the PIN."""
+    context.user_data["login_card"] = (update.message.text or "").strip()[:64]
+    await reply(update, context, "account.ask_pin")
+    return PIN
+
+
+async def login_pin(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Check the PIN (the message holding it is deleted first)."""
+    await _delete_pin_message(update, context)
+    card = context.user_data.pop("login_card", "")
+    await _try_login(update, context, card, (update.message.text or "").strip())
+    return ConversationHandler.END
+
+
+async def not_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A sticker, photo or file where a card number or PIN was expected."""
+    await reply(update, context, "common.text_expected")
+
+
+async def _delete_pin_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    try:
+        await update.effective_message.delete()
+    except TelegramError:  # in a group the bot may lack the right; it still logs in
+        log.info("could not delete a message holding a PIN")
+
+
+async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: str, pin: str) -> None:
+    svc = services(context)
+    me = await who(update, context)
+    verify = None
+    if svc.circulation is not None and hasattr(svc.circulation, "verify_pin") and svc.settings.ils != "local":
+        verify = await svc.circulation.verify_pin(card, pin)
+    async with svc.db.session() as session:
+        result = await login(session, me.user_id, card, pin, svc.now(), verify=verify)
+    if result.outcome is LoginOutcome.OK and result.reader is not None:
+        log.info("user %s linked a card", me.user_id)
+        await reply(update, context, "account.login_ok", lang=me.lang, name=escape(result.reader.name))
+    elif result.outcome is LoginOutcome.CARD_EXPIRED and result.reader is not None:
+        await reply(update, context, "account.login_expired", lang=me.lang, name=escape(result.reader.name))
+    elif result.outcome is LoginOutcome.LOCKED:
+        await reply(update, context, "account.login_locked", lang=me.lang)
+    else:
+        await reply(update, context, "account.login_failed", lang=me.lang)
+
+
+async def logout_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Unlink the card."""
+    svc = services(context)
+    me = await who(update, context)
+    async with svc.db.session() as session:
+        done = await logout(session, me.user_id)
+    await reply(update, context, "account.logout_ok" if done else "account.not_logged_in", lang=me.lang)
+
+
+async def privacy(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """What the bot stores about the person, and how to erase it."""
+    svc = services(context)
+    me = await who(update, context)
+    async with svc.db.session() as session:
+        reader = await reader_of(session, me.user_id)
+    card = escape(reader.card_number) if reader else "—"
+    await reply(update, context, "account.privacy", lang=me.lang, card=card, days=svc.policy.circulation.loan_history_days)
+
+
+async def forgetme(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Ask for confirmation before erasing everything."""
+    await reply(update, context, "account.forget_confirm", buttons=[[("account.forget_yes", "forget:yes"), ("account.forget_no", "forget:no")]])
+
+
+async def forget_confirmed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Erase the person's data (or leave it, when they said no)."""
+    me = await who(update, context)
+    if update.callback_query.data != "forget:yes":
+        await answer(update, context, lang=me.lang)
+        await edit(update, context, "account.forget_kept", lang=me.lang)
+        return
+    async with services(context).db.session() as session:
+        await forget_person(session, me.user_id)
+    context.application.drop_user_data(me.user_id)
+    context.application.drop_chat_data(me.chat_id)
+    log.info("user %s erased their data", me.user_id)
+    await answer(update, context, lang=me.lang)
+    await edit(update, context, "account.forget_done", lang=me.lang)
+
+
+async def hours(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Opening hours, address and contact, from the policy file."""
+    me = await who(update, context)
+    library = services(context).policy.library
+    zh = me.lang == "zh"
+    lines = "\n".join(f"• {d.days_zh if zh else d.days_en}: {d.hours}" for d in library.hours)
+    await reply(
+        update, context, "account.hours", lang=me.lang,
+        library=escape(library.name_zh if zh else library.name_en),
+        lines=escape(lines),
+        note=escape(library.hours_note_zh if zh else library.hours_note_en),
+        address=escape(library.address_zh if zh else library.address_en),
+        phone=escape(library.phone), email=escape(library.email), website=escape(library.website),
+    )
+
+
+async def cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Leave whatever conversation is going on; the fallback of every conversation."""
+    context.user_data.pop("login_card", None)
+    await reply(update, context, "common.cancelled")
+    return ConversationHandler.END
+
+
+async def nothing_to_cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """/cancel outside any conversation."""
+    await reply(update, context, "common.nothing_to_cancel")
+
+
+def cancel_fallbacks() -> list[CommandHandler]:  # type: ignore[type-arg]
+    """The /cancel fallback every conversation shares."""
+    return [CommandHandler("cancel", cancel)]
+
+
+def register(app: Application) -> None:  # type: ignore[type-arg]
+    app.add_handler(
+        ConversationHandler(
+            entry_points=[CommandHandler("login", login_start)],
+            states={
+                CARD: [MessageHandler(filters.TEXT & ~filters.COMMAND, login_card)],
+                PIN: [MessageHandler(filters.TEXT & ~filters.COMMAND, login_pin)],
+            },
+            fallbacks=[
+                *cancel_fallbacks(),
+                MessageHandler(~filters.COMMAND & ~filters.TEXT, not_text),
+            ],
+            name="login",
+            persistent=True,
+        )
+    )
+    app.add_handler(CommandHandler("start", start))
+    app.add_handler(CommandHandler("help", help_command))
+    app.add_handler(CommandHandler("language", language))
+    app.add_handler(CallbackQueryHandler(language_chosen, pattern=r"^lang:"))
+    app.add_handler(CommandHandler("logout", logout_command))
+    app.add_handler(CommandHandler("privacy", privacy))
+    app.add_handler(CommandHandler("forgetme", forgetme))
+    app.add_handler(CallbackQueryHandler(forget_confirmed, pattern=r"^forget:"))
+    app.add_handler(CommandHandler("hours", hours))
+
+
+def register_last(app: Application) -> None:  # type: ignore[type-arg]
+    """Handlers that must come after every feature: /cancel with nothing to cancel, unknown commands."""
+    app.add_handler(CommandHandler("cancel", nothing_to_cancel))
+    app.add_handler(CallbackQueryHandler(noop, pattern=r"^noop$"))
+    app.add_handler(MessageHandler(filters.COMMAND, unknown_command))
+    app.add_handler(CallbackQueryHandler(stale_button))
+    app.add_handler(MessageHandler(~filters.COMMAND & ~filters.TEXT & filters.ChatType.PRIVATE, not_text))
+
+
+async def unknown_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A command the bot does not know."""
+    await reply(update, context, "common.unknown_command")
+
+
+async def noop(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A button that only shows information (such as a page number)."""
+    await answer(update, context)
+
+
+async def stale_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A button press nobody handles: old, or forged."""
+    await answer(update, context, "common.stale_button", alert=True)
