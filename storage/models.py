@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 
 import storage.catalog
+import storage.circulation
 import storage.outbox
 import storage.people
 import storage.state
@@ -15,7 +16,7 @@ from storage.db import Base, Database
 
 __all__ = ["Base", "create_schema", "alembic_config"]
 
-MODULES = [storage.catalog, storage.outbox, storage.people, storage.state]
+MODULES = [storage.catalog, storage.circulation, storage.outbox, storage.people, storage.state]
 
 
 def alembic_config(url: str) -> Config:

@@ -12,6 +12,7 @@ Example file (every key optional)::
     overdue_block_days = 30
     fine_per_day = 0.10
     fine_limit = 10.00
+    currency = "¥"
     hold_shelf_days = 7
     non_loanable_types = ["reference"]
     non_renewable_types = ["reserve"]
@@ -70,6 +71,7 @@ class Circulation(_Strict):
     item_types: dict[str, LoanRules] = {}
     # Returned loans are kept (for statistics, not as reading history) this many days, then erased.
     loan_history_days: int = Field(default=30, ge=0)
+    currency: str = "¥"  # shown before fine amounts
 
 
 class Notices(_Strict):
