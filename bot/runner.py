@@ -27,6 +27,10 @@ async def start_bot(
     """Build, initialise and start the bot; with ``poll`` it also starts long polling."""
     app = build_application(settings, db, policy, token)
     await app.initialize()
+    # run_polling() would call these hooks itself; this runner manages the lifecycle by hand so that
+    # the demo, the tests and the webhook mode share one event loop with other servers.
+    if app.post_init is not None:
+        await app.post_init(app)
     await app.start()
     if poll:
         assert app.updater is not None
@@ -41,6 +45,8 @@ async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
     if app.running:
         await app.stop()
     await app.shutdown()
+    if app.post_shutdown is not None:
+        await app.post_shutdown(app)
 
 
 async def wait_for_signal() -> None:

@@ -8,13 +8,13 @@ from sqlalchemy import select
 
 from storage.db import Database, utcnow
 from storage.people import (
+    InviteOutcome,
     LoginOutcome,
     Reader,
     Role,
     add_staff,
     create_invite,
     hash_pin,
-    InviteOutcome,
     login,
     logout,
     redeem_invite,
