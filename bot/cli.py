@@ -144,7 +144,12 @@ def cmd_import(args: argparse.Namespace) -> int:
             path = Path(args.paths[0])
             if not path.is_file():
                 raise CliError(f"file not found: {path}")
-            report = await importer(db, path, policy=policy, now=utcnow(), staff_chat_id=settings.staff_chat_id)
+            try:
+                report = await importer(
+                    db, path, policy=policy, now=utcnow(), staff_chat_id=settings.staff_chat_id, tz=settings.tz
+                )
+            except circ_import.CircImportError as exc:
+                raise CliError(str(exc)) from None
         for line in report.lines():
             print(line)
         return 0
@@ -169,10 +174,12 @@ def cmd_circ(args: argparse.Namespace) -> int:
 
 def cmd_notices(args: argparse.Namespace) -> int:
     async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        from bot.i18n import t
         from storage.notices import run_notice_cycle
 
         day = _date(args.date) if args.date else utcnow().astimezone(settings.tz).date()
-        report = await run_notice_cycle(db, policy, day, settings.tz, staff_chat_id=settings.staff_chat_id)
+        # The digests are composed from the catalogue here; storage never imports bot/, so it gets t.
+        report = await run_notice_cycle(db, policy, day, settings.tz, render=t, staff_chat_id=settings.staff_chat_id)
         for line in report.lines():
             print(line)
         print("notices are queued; the running bot delivers them")

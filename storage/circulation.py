@@ -582,6 +582,18 @@ async def renew_all(
     return [await renew_loan(session, reader_id, b, policy, now, tz, listed_at=listed_at) for b in barcodes]
 
 
+_CHECKOUT_REFUSALS = {
+    CheckoutRefused.UNKNOWN_ITEM: "no copy has this barcode",
+    CheckoutRefused.UNKNOWN_CARD: "no card has this number",
+    CheckoutRefused.CARD_BLOCKED: "the card is blocked",
+    CheckoutRefused.CARD_EXPIRED: "the card has expired",
+    CheckoutRefused.FINES_TOO_HIGH: "the reader's fines are above the limit",
+    CheckoutRefused.NOT_LOANABLE: "this copy cannot be lent (item type or status)",
+    CheckoutRefused.ALREADY_ON_LOAN: "this copy is already on loan",
+    CheckoutRefused.HELD_FOR_ANOTHER: "this copy waits on the hold shelf for another reader",
+}
+
+
 @dataclass(frozen=True)
 class CheckoutResult:
     ok: bool
@@ -590,6 +602,14 @@ class CheckoutResult:
     title: str = ""
     due_at: dt.datetime | None = None
     loan_id: int | None = None
+    due_date: dt.date | None = None  # in the library's time zone
+    card_number: str = ""
+
+    def describe(self) -> str:
+        """One line for the desk (the CLI)."""
+        if not self.ok:
+            return f"checkout of {self.barcode} refused: {_CHECKOUT_REFUSALS.get(self.refused, str(self.refused))}"
+        return f"{self.barcode} ({self.title}) lent to card {self.card_number}, due {self.due_date}"
 
 
 async def checkout(
@@ -656,7 +676,7 @@ async def checkout(
         freed = await session.get(Item, other_copy)
         if freed is not None and freed.status == ItemStatus.ON_HOLD_SHELF:
             await fill_next_hold(session, freed, policy, now, tz)
-    return CheckoutResult(True, None, barcode, title, due, loan.id)
+    return CheckoutResult(True, None, barcode, title, due, loan.id, local_date(due, tz), card_number)
 
 
 @dataclass(frozen=True)
@@ -668,9 +688,25 @@ class ReturnResult:
     fine_cents: int = 0
     hold_filled_for: int | None = None  # reader id whose hold the copy now waits for
     hold_id: int | None = None
+    hold_card: str = ""  # that reader's card number
+
+    def describe(self) -> str:
+        """One line for the desk (the CLI)."""
+        if not self.known_item:
+            return f"no copy has the barcode {self.barcode}"
+        if not self.ok:
+            return f"{self.barcode} ({self.title}) is not on loan"
+        parts = [f"{self.barcode} ({self.title}) returned"]
+        if self.fine_cents:
+            parts.append(f"fine {money(self.fine_cents)} charged to the reader")
+        if self.hold_filled_for is not None:
+            parts.append(f"put it on the hold shelf for card {self.hold_card} (the reader has been told)")
+        else:
+            parts.append("back to the shelf")
+        return "; ".join(parts)
 
 
-async def return_item(
+async def checkin(
     session: AsyncSession,
     barcode: str,
     policy: Policy,
@@ -706,9 +742,11 @@ async def return_item(
             )
             await session.execute(update(Loan).where(Loan.id == loan.id).values(fine_cents=charged))
     hold = await fill_next_hold(session, item, policy, now, tz)
+    hold_reader = await session.get(Reader, hold.reader_id) if hold else None
     return ReturnResult(
         True, barcode, title, fine_cents=charged,
         hold_filled_for=hold.reader_id if hold else None, hold_id=hold.id if hold else None,
+        hold_card=hold_reader.card_number if hold_reader else "",
     )
 
 
@@ -745,7 +783,7 @@ async def fill_next_hold(
         await notify_reader(
             session,
             hold.reader_id,
-            "loans.hold_ready",
+            "loans.hold_ready_notice",
             {
                 "title": html.escape(record.title if record else "", quote=False),
                 "barcode": html.escape(item.barcode, quote=False),
