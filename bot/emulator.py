@@ -1088,7 +1088,8 @@ class Emulator:
                     username=user.get("username"),
                 )
             else:
-                kind = chat_type or ("supergroup" if str(chat_id).startswith("-100") else "group")
+                # Supergroup ids look like -100xxxxxxxxxx; smaller negative ids are basic groups.
+                kind = chat_type or ("supergroup" if chat_id <= -1_000_000_000_000 else "group")
                 chat = ChatState(chat_id, kind, title=title or f"Group {chat_id}")
             self._chats[chat_id] = chat
         elif title and chat.id < 0:
@@ -2261,7 +2262,7 @@ class Person:
         self._starting: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Person:
-        await self._start()
+        await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -2461,10 +2462,21 @@ class Person:
 
     # -- internals ---------------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Start following the chat (done by the first action; ``messages()`` is empty before)."""
+        await self._start()
+
     async def _start(self) -> None:
         if self._starting is None:
             self._starting = asyncio.ensure_future(self._follow())
-        await asyncio.shield(self._starting)
+        try:
+            await asyncio.shield(self._starting)
+        except Exception:
+            self._starting = None  # let a later call try again (the emulator may not be up yet)
+            if self._hub is not None:
+                self._hub.unregister(self)
+                self._hub = None
+            raise
 
     async def _follow(self) -> None:
         """Join the session's event stream, then load the chat as it is now."""

@@ -326,3 +326,78 @@ def test_html_parser() -> None:
     for bad in ("<b>open", "<b>x</i>", "1 < 2", "<div>x</div>"):
         with pytest.raises(Exception, match="(?i)can't parse entities"):
             parse_html(bad)
+
+
+async def test_several_webhook_receivers_share_the_chats(emu: Emulator) -> None:
+    """Each chat goes to one receiver (a conversation stays in one process), in order."""
+    received: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
+    done = asyncio.Event()
+
+    async def receive(request: web.Request) -> web.Response:
+        message = (await request.json())["message"]
+        received[request.match_info["name"]].append((message["chat"]["id"], message["text"]))
+        if sum(len(v) for v in received.values()) == 12:
+            done.set()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook/{name}", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    root = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        emu.set_webhook_targets([f"{root}/hook/a", f"{root}/hook/b"])
+        for n in range(3):
+            for user in (11, 12, 13, 14):
+                emu.user_send(user, text=f"m{n}")
+        await asyncio.wait_for(done.wait(), 3)
+    finally:
+        await runner.cleanup()
+    assert received["a"] and received["b"]
+    for messages in received.values():
+        for chat in {c for c, _ in messages}:
+            assert [t for c, t in messages if c == chat] == ["m0", "m1", "m2"]
+        assert not {c for c, _ in received["a"]} & {c for c, _ in received["b"]}
+
+
+@pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
+async def test_group_chat_and_group_limit(emu: Emulator, bot: Bot) -> None:
+    async with Person(emu.url or "", READER, chat_id=-4001, chat_title="Staff", quiet=0.05) as member:
+        await member.send("/overdue@librarybot", wait=False)
+        [update] = await bot.get_updates()
+        assert update.message is not None and update.message.chat.type == "group"
+        assert update.message.chat.title == "Staff" and update.message.from_user.id == READER
+        emu.set_limits(None, None, group_per_minute=2)
+        await bot.send_message(-4001, "alert 1")
+        await bot.send_message(-4001, "alert 2")
+        with pytest.raises(RetryAfter):
+            await bot.send_message(-4001, "alert 3")
+        assert [m["plain"] for m in await member.wait_for()] == ["alert 1", "alert 2"]
+
+
+async def test_demo_page_and_control_api(emu: Emulator) -> None:
+    emu.personas = [
+        {"user_id": 7, "first_name": "Mei", "language_code": "zh", "label_zh": "读者", "label_en": "Reader"}
+    ]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{emu.url}/") as resp:
+            page = await resp.text()
+            assert resp.status == 200 and 'id="persona-list"' in page
+        async with session.get(f"{emu.url}/static/demo.js") as resp:
+            assert resp.status == 200
+        async with session.get(f"{emu.url}/_emu/personas") as resp:
+            assert (await resp.json())["personas"][0]["label_zh"] == "读者"
+        async with session.post(f"{emu.url}/_emu/send", json={"user_id": 7, "text": "hi"}) as resp:
+            sent = await resp.json()
+        poll = f"{emu.url}/_emu/chats/7/events"
+        async with session.get(poll, params={"after": "0", "wait": "1"}) as resp:
+            events = (await resp.json())["events"]
+        assert [(e["type"], e["message"]["text"]) for e in events] == [("new", "hi")]
+        assert events[0]["seq"] == sent["seq"]
+        async with session.post(f"{emu.url}/_emu/updates", json={"message": {"text": "raw"}}) as resp:
+            assert (await resp.json())["update_id"] > sent["update_id"]
+        async with session.post(f"{emu.url}/_emu/limits", json={"global_rate": 5}) as resp:
+            assert (await resp.json())["global_rate"] == 5
+        async with session.get(f"{emu.url}/_emu/stats") as resp:
+            assert (await resp.json())["total_sends"] == 0

@@ -431,9 +431,13 @@ function renderMessage(view, id = view.message_id) {
   } else {
     // Keep message order even if a snapshot and an event race.
     const container = $("#messages");
-    const later = [...state.rendered.keys()].filter((k) => k > id).sort((a, b) => a - b)[0];
-    if (later !== undefined) container.insertBefore(el, state.rendered.get(later));
-    else container.appendChild(el);
+    const last = container.lastElementChild;
+    if (!last || Number(last.dataset.messageId) < id) {
+      container.appendChild(el);
+    } else {
+      const later = [...state.rendered.keys()].filter((k) => k > id).sort((a, b) => a - b)[0];
+      container.insertBefore(el, later === undefined ? null : state.rendered.get(later));
+    }
   }
   state.rendered.set(id, el);
 }
