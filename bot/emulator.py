@@ -14,7 +14,8 @@ User side: ``/_emu/...`` (JSON), wrapped for Python by :class:`Person`.
 Choices worth knowing:
 
 * Flood control counts sending methods only (``sendMessage``, ``sendPhoto``, ``sendDocument``,
-  ``sendSticker``, ``copyMessage``, ``forwardMessage``); edits and chat actions are never limited.
+  ``sendSticker``, ``sendMediaGroup`` (one token per album), ``copyMessage``, ``forwardMessage``);
+  edits and chat actions are never limited. ``stats.sends`` has one entry per message sent.
 * ``getUpdates`` confirms (forgets) an update only once it has been handed out and a later call
   passes a higher ``offset``. A raw update injected twice with the same ``update_id`` is therefore
   delivered twice, which is what duplicate-delivery tests need.
@@ -58,10 +59,6 @@ MAX_TEXT = 4096
 MAX_CAPTION = 1024
 MAX_CALLBACK_DATA = 64
 
-#: Methods that deliver a new message to a chat: these are counted and flood-limited.
-SEND_METHODS = frozenset(
-    {"sendmessage", "sendphoto", "senddocument", "sendsticker", "copymessage", "forwardmessage"}
-)
 #: Update kinds Telegram leaves out unless ``allowed_updates`` asks for them.
 _OPT_IN_UPDATES = frozenset({"chat_member", "message_reaction", "message_reaction_count"})
 
@@ -698,7 +695,7 @@ class Emulator:
             for name in (
                 "getMe getUpdates setWebhook deleteWebhook getWebhookInfo sendMessage editMessageText "
                 "editMessageCaption editMessageReplyMarkup answerCallbackQuery deleteMessage deleteMessages "
-                "sendPhoto sendDocument sendSticker copyMessage forwardMessage getFile sendChatAction "
+                "sendPhoto sendDocument sendSticker sendMediaGroup copyMessage forwardMessage getFile sendChatAction "
                 "setMyCommands getMyCommands deleteMyCommands setChatMenuButton getChatMenuButton getChat "
                 "getChatMember pinChatMessage unpinChatMessage setMyDescription setMyShortDescription "
                 "setMyName getMyDescription getMyShortDescription getMyName close logOut"
@@ -840,7 +837,7 @@ class Emulator:
                             "user": self.bot_user,
                             **({"until_date": 0} if blocked else {}),
                         },
-                    }
+                    },
                 }
             )
 
@@ -1602,38 +1599,70 @@ class Emulator:
             content["caption_entities"] = entities
         return content, caption, parse_mode
 
+    def _media_content(self, kind: str, value: Upload | str | None) -> JSON:
+        """The message content for a photo, document or sticker given as upload, file_id or URL."""
+        if kind == "photo":
+            known = self._files.get(value) if isinstance(value, str) else None
+            if known is not None:
+                return {"photo": [{**known.api(), "width": 800, "height": 600}]}
+            data = (
+                value.data if isinstance(value, Upload) else self._resolve_file(value, "photos", "photo").data
+            )
+            return {"photo": self._invent_photo(data)}
+        f = self._resolve_file(value, f"{kind}s", kind)
+        body: JSON = {**f.api()}
+        if kind == "document":
+            body["file_name"] = f.file_name or "document"
+            if f.mime_type:
+                body["mime_type"] = f.mime_type
+        else:
+            body.update(type="regular", width=512, height=512, is_animated=False, is_video=False)
+        return {kind: body}
+
     async def _send_media(self, p: Params, method: str, kind: str) -> JSON:
         chat = self._chat(p.chat_id())
         caption, source, parse_mode = self._caption(p) if kind != "sticker" else ({}, None, None)
         markup = self._check_markup(p.get_json("reply_markup"), inline_only=False)
-        value = p.get_file(kind)
-        if kind == "photo":
-            known = self._files.get(value) if isinstance(value, str) else None
-            if known is not None:
-                sizes = [{**known.api(), "width": 800, "height": 600}]
-            else:
-                data = (
-                    value.data
-                    if isinstance(value, Upload)
-                    else self._resolve_file(value, "photos", "photo").data
-                )
-                sizes = self._invent_photo(data)
-            content: JSON = {"photo": sizes}
-        else:
-            f = self._resolve_file(value, f"{kind}s", kind)
-            body: JSON = {**f.api()}
-            if kind == "document":
-                body["file_name"] = f.file_name or "document"
-                if f.mime_type:
-                    body["mime_type"] = f.mime_type
-            else:
-                body.update(type="regular", width=512, height=512, is_animated=False, is_video=False)
-            content = {kind: body}
+        content = self._media_content(kind, p.get_file(kind))
         self._admit(chat, method)
         content.update(caption)
         msg = self._bot_message(chat, content, p, source_text=source, parse_mode=parse_mode, markup=markup)
         self._record_send(chat.id, method)
         return msg.api
+
+    async def _m_sendMediaGroup(self, p: Params) -> list[JSON]:
+        """An album: one message per item sharing a media_group_id (flood-counted as one send)."""
+        chat = self._chat(p.chat_id())
+        media = p.get_json("media")
+        if not isinstance(media, list) or not 2 <= len(media) <= 10:
+            raise _bad("media must include 2-10 items")
+        prepared: list[tuple[JSON, str | None, str | None]] = []
+        for item in media:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind not in {"photo", "document"}:
+                raise _bad(f"media type {kind!r} is not supported by the emulator")
+            ref = item.get("media")
+            value: Upload | str | None = ref
+            if isinstance(ref, str) and ref.startswith("attach://"):
+                value = p.uploads.get(ref.removeprefix("attach://"))
+                if value is None:
+                    raise _bad(f"file {ref} not found in the request")
+            content = self._media_content(kind, value)
+            item_params = Params(
+                {k: v for k, v in item.items() if k in {"caption", "parse_mode", "caption_entities"}}
+            )
+            caption, source, parse_mode = self._caption(item_params)
+            content.update(caption)
+            prepared.append((content, source, parse_mode))
+        self._admit(chat, "sendMediaGroup")
+        group_id = f"{next(self._file_seq)}{int(time.time())}"
+        results = []
+        for content, source, parse_mode in prepared:
+            content["media_group_id"] = group_id
+            msg = self._bot_message(chat, content, p, source_text=source, parse_mode=parse_mode, markup=None)
+            self._record_send(chat.id, "sendMediaGroup")
+            results.append(msg.api)
+        return results
 
     async def _m_sendPhoto(self, p: Params) -> JSON:
         return await self._send_media(p, "sendPhoto", "photo")
@@ -2249,6 +2278,8 @@ class Person:
         self.chat_title = chat_title
         self.quiet = quiet
         self.last_callback_answer: JSON | None = None
+        #: Seconds from the last action to the first bot reply (benchmarks: excludes ``quiet``).
+        self.last_latency: float | None = None
         self.callback_answers: list[JSON] = []
         self._session = session
         self._own_session = session is None
@@ -2556,7 +2587,8 @@ class Person:
         assert self._signal is not None
         quiet = self.quiet if quiet is None else quiet
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        started = loop.time()
+        deadline = started + timeout
         seen = -1
         settle_at: float | None = None
         while True:
@@ -2565,6 +2597,8 @@ class Person:
             relevant = len(found) + answered
             now = loop.time()
             if relevant != seen:
+                if relevant and seen <= 0:
+                    self.last_latency = now - started
                 seen = relevant
                 if relevant or not expect:
                     settle_at = now + quiet

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, InputMediaPhoto, Update
 from telegram.error import BadRequest, Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes
 
@@ -134,6 +134,15 @@ async def test_document_round_trip(emu: Emulator, bot: Bot, person: Person) -> N
     assert view["document"]["file_name"] == "overdue.csv" and view["text"] == "Overdue <i>list</i>"
     photo = await bot.send_photo(READER, b"\x89PNG fake", caption="Shelf 3F")
     assert photo.photo and (await person.wait_for())[0]["photo"] == photo.photo[-1].file_id
+    # attach:// references: a thumbnail, and an album of an upload plus a known file_id.
+    with_thumb = await bot.send_document(READER, b"%PDF-1.4", filename="guide.pdf", thumbnail=b"\x89PNG")
+    assert with_thumb.document is not None and with_thumb.document.file_name == "guide.pdf"
+    album = await bot.send_media_group(
+        READER, [InputMediaPhoto(b"\x89PNG one", caption="one"), InputMediaPhoto(photo.photo[-1].file_id)]
+    )
+    assert (
+        len(album) == 2 and album[0].media_group_id == album[1].media_group_id and album[0].caption == "one"
+    )
 
 
 STAFF_CHAT = -100500
