@@ -500,6 +500,7 @@ class Sip2Client:
             raise
         if await self._closed_by_server():
             self._drop()
+            log.warning("SIP2 %s: %s closed the connection right after login", self.name, self.config.address)
             raise Sip2Unavailable(
                 f"the library system at {self.config.address} closed the connection right after login; "
                 "check its SIP2 server settings (does it drop every connection after one message?)"
@@ -747,7 +748,9 @@ class Sip2Pool:
         if self._closed:
             raise Sip2Error("this SIP2 pool is closed")
         if self._free is None:
-            self._free = asyncio.Queue()
+            # Last in, first out: a light load keeps reusing the warm, logged-in connection and
+            # the others are never opened; a burst opens as many as it needs.
+            self._free = asyncio.LifoQueue()
             for client in self.clients:
                 self._free.put_nowait(client)
             if self.config.heartbeat_seconds > 0:

@@ -297,6 +297,7 @@ class ReplayServer:
             if injected.raw is None:
                 return None
             if isinstance(injected.raw, bytes):
+                conn.last_response = injected.raw.decode(self.encoding, errors="replace").strip("\r\n")
                 return injected.raw
             return self._encode(self._finish(conn, p.strip_error_detection(injected.raw), req))
         if req.code == "97":
