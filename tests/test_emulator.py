@@ -191,10 +191,8 @@ async def test_get_updates_long_poll_and_offset(emu: Emulator, bot: Bot, person:
     updates = await asyncio.wait_for(poll, 2)
     [update] = updates
     assert update.message is not None and update.message.text == "/search tea"
-    assert (
-        update.message.entities[0].type == "bot_command"
-        and update.message.from_user.language_code == "zh-hans"
-    )
+    assert update.message.entities[0].type == "bot_command"
+    assert update.message.from_user is not None and update.message.from_user.language_code == "zh-hans"
     assert [u.update_id for u in await bot.get_updates()] == [update.update_id]  # not confirmed yet
     assert await bot.get_updates(offset=update.update_id + 1) == ()
     # The same update delivered twice must be possible (duplicate delivery tests).
@@ -376,7 +374,8 @@ async def test_group_chat_and_group_limit(emu: Emulator, bot: Bot) -> None:
         await member.send("/overdue@librarybot", wait=False)
         [update] = await bot.get_updates()
         assert update.message is not None and update.message.chat.type == "group"
-        assert update.message.chat.title == "Staff" and update.message.from_user.id == READER
+        assert update.message.chat.title == "Staff" and update.effective_user is not None
+        assert update.effective_user.id == READER
         emu.set_limits(None, None, group_per_minute=2)
         await bot.send_message(-4001, "alert 1")
         await bot.send_message(-4001, "alert 2")

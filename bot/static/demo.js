@@ -234,6 +234,11 @@ async function startPolling() {
       const data = await resp.json();
       if (state.poll !== controller) return;
       setOffline(false);
+      if (data.reset) {
+        // The demo server was restarted: start this chat afresh from its current state.
+        choosePersona(state.persona);
+        return;
+      }
       delay = 500;
       for (const event of data.events) handleEvent(event);
       state.seq = Math.max(state.seq, data.seq);
