@@ -20,7 +20,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from storage.sip2.errors import Sip2Error
 
@@ -994,7 +994,7 @@ class PatronStatus:
         return cls(**_patron_common(msg))
 
 
-def _patron_common(msg: Sip2Message) -> dict[str, object]:
+def _patron_common(msg: Sip2Message) -> dict[str, Any]:
     f = msg.fixed
     return {
         "patron_id": msg.get("AA"),
