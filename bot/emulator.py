@@ -753,6 +753,8 @@ class Emulator:
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         public_host = "127.0.0.1" if host in {"0.0.0.0", "", "::"} else host
+        if ":" in public_host:
+            public_host = f"[{public_host}]"  # an IPv6 literal in a URL
         self.url = f"http://{public_host}:{self.port}"
         return self.url
 
@@ -1429,15 +1431,30 @@ class Emulator:
                 if request.transport is not None:
                     request.transport.abort()
                 raise asyncio.CancelledError
-            return ApiError(
-                status, "Bad Gateway" if status == 502 else f"Error {status} (injected)"
-            ).response()
+            return self._injected_error(status).response()
         try:
             params = await self._read_params(request)
             result = await handler(params)
         except ApiError as exc:
             return exc.response()
         return web.json_response({"ok": True, "result": result}, dumps=_dumps)
+
+    def _injected_error(self, status: int) -> ApiError:
+        """The answer Telegram gives with this status, so the client reacts as it would in production."""
+        if status == 429:
+            self.stats.too_many_requests += 1
+            return ApiError(429, "Too Many Requests: retry after 1", {"retry_after": 1})
+        if status == 403:
+            self.stats.forbidden += 1
+            return ApiError(403, "Forbidden: bot was blocked by the user")
+        descriptions = {
+            400: "Bad Request: injected failure",
+            500: "Internal Server Error",
+            502: "Bad Gateway",
+            503: "Service Unavailable",
+            504: "Gateway Timeout",
+        }
+        return ApiError(status, descriptions.get(status, f"Error {status} (injected)"))
 
     def _take_failure(self, method: str) -> int | None:
         for key in (method, "*"):
