@@ -220,6 +220,27 @@ async def test_pool_reads_a_reader_with_thirty_loans(server: ReplayServer) -> No
     assert all(i.status_name == "charged" and i.due_date is not None for i in items)
 
 
+async def test_pool_pages_through_many_loans(server: ReplayServer) -> None:
+    barcodes = server.add_synthetic_patron("reader250", 250)
+    async with Sip2Pool(config_for(server)) as pool:
+        info, items = await pool.loans("reader250", SYNTHETIC_PIN)
+    assert info.charged_items == barcodes and [i.item_id for i in items] == barcodes
+    assert server.count("63") == 3
+
+
+async def test_pool_loans_raise_when_details_fail(server: ReplayServer) -> None:
+    async with Sip2Pool(config_for(server, pool_size=1, timeout=0.3)) as pool:
+        await pool.login()
+        counts = "0000" * 2 + "0002" + "0000" * 3
+        server.respond_next_with(
+            f"64{' ' * 14}001{p.format_timestamp(RECORDED_AT)}{counts}AOUWOLS|AAx|AUa|AUb|"
+        )
+        server.respond_next_with(None)  # the first 17 is never answered
+        with pytest.raises(Sip2Unavailable, match="did not answer our item information"):
+            await pool.loans("x", "")
+    assert server.count("17") == 2  # the second loan was still looked up
+
+
 async def test_pool_heartbeat_keeps_idle_connections_alive(server: ReplayServer) -> None:
     async with Sip2Pool(config_for(server, pool_size=2, heartbeat_seconds=0.1)) as pool:
         await pool.item_information("1565921879")

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -846,23 +847,32 @@ class Sip2Pool:
             return await client.end_session(patron, pin)
 
     async def loans(
-        self, patron: str, pin: str = "", *, limit: int | None = None
+        self, patron: str, pin: str = "", *, page_size: int = p.DEFAULT_ITEMS_PER_PAGE
     ) -> tuple[p.PatronInfo, list[p.ItemInfo]]:
-        """A reader's loans with their details: one 63 (charged items), then a 17 per item, the 17s
-        spread over the pool's connections. Items the server cannot describe are left out."""
-        info = await self.patron_information(patron, pin, summary="charged", end=limit)
-        results = await asyncio.gather(
-            *(self.item_information(b) for b in info.charged_items), return_exceptions=True
-        )
-        items: list[p.ItemInfo] = []
-        for barcode, result in zip(info.charged_items, results, strict=True):
+        """A reader's loans with their details: 63 (charged items, in pages of ``page_size``), then
+        a 17 per loan, the 17s spread over the pool's connections.
+
+        The returned ``PatronInfo`` lists every page's barcodes. If any 17 fails, its exception is
+        raised (after the others finish): a list of loans with some silently missing would mislead.
+        """
+        info = await self.patron_information(patron, pin, summary="charged", start=1, end=page_size)
+        barcodes = list(info.charged_items)
+        count = info.charged_items_count or 0
+        # Ask for more pages only while the server fills whole pages: some ignore BP/BQ and send
+        # everything at once, and asking again would list those loans twice.
+        while barcodes and len(barcodes) < count and len(barcodes) % page_size == 0:
+            page = await self.patron_information(
+                patron, pin, summary="charged", start=len(barcodes) + 1, end=len(barcodes) + page_size
+            )
+            if not page.charged_items:
+                break
+            barcodes += page.charged_items
+        results = await asyncio.gather(*(self.item_information(b) for b in barcodes), return_exceptions=True)
+        for result in results:
             if isinstance(result, BaseException):
-                if not isinstance(result, Sip2Exception):
-                    raise result
-                log.warning("SIP2: no details for loan %s: %s", barcode, result)
-                continue
-            items.append(result)
-        return info, items
+                raise result
+        items = [r for r in results if isinstance(r, p.ItemInfo)]
+        return dataclasses.replace(info, charged_items=barcodes), items
 
     async def close(self) -> None:
         """Stop the heartbeat and close every connection."""

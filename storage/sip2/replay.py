@@ -206,7 +206,8 @@ class ReplayServer:
 
         A ``str`` gets AY/AZ fixed up like a recorded response and is encoded with the server's
         encoding; ``bytes`` go out as they are (add the CR yourself, or omit it to send a message
-        cut short); ``None`` sends nothing. With ``close`` the connection is closed afterwards.
+        cut short); ``None`` sends nothing (the caller times out). With ``close`` the connection
+        is closed afterwards.
         """
         self._injected.append(_Injected(raw, close))
 
@@ -269,7 +270,7 @@ class ReplayServer:
                 if self.latency:
                     await asyncio.sleep(self.latency)
                 answer = self._answer(conn, data)
-                if answer is not None:
+                if answer:
                     writer.write(answer)
                     await writer.drain()
                 if answer is None or self.close_after_each or conn.close_after_answer:
@@ -283,7 +284,7 @@ class ReplayServer:
     # -- answering ------------------------------------------------------------------------------
 
     def _answer(self, conn: _Connection, data: bytes) -> bytes | None:
-        """The bytes to send for one request (CR included), or None to close the connection."""
+        """The bytes to send for one request (CR included; empty: say nothing), or None to close."""
         try:
             req = p.parse(data, self.encoding)
         except Sip2Error as exc:
@@ -295,7 +296,7 @@ class ReplayServer:
             injected = self._injected.popleft()
             conn.close_after_answer = injected.close
             if injected.raw is None:
-                return None
+                return None if injected.close else b""
             if isinstance(injected.raw, bytes):
                 conn.last_response = injected.raw.decode(self.encoding, errors="replace").strip("\r\n")
                 return injected.raw
