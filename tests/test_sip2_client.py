@@ -52,6 +52,12 @@ def recorded_sent(label: str) -> str:
     return found
 
 
+def recorded_recv(label: str) -> str:
+    exchanges = json.loads(EXCHANGES_PATH.read_text(encoding="utf-8"))["exchanges"]
+    (found,) = [e["recv"] for e in exchanges if e["label"] == label]
+    return found
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[ReplayServer]:
     srv = ReplayServer(EXCHANGES_PATH)
@@ -192,6 +198,59 @@ async def test_without_error_detection(server: ReplayServer) -> None:
     assert server.received[1] == "9900302.00"
     assert server.received[2] == recorded_sent("[main] 23 patron status djfiander").split("|AY")[0] + "|"
     assert all("AZ" not in r for r in server.received)
+
+
+async def test_replay_server_answers_as_recorded(server: ReplayServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+    async def exchange(label: str | None, raw: str | None = None) -> str:
+        writer.write((raw if raw is not None else recorded_sent(label or "")).encode() + b"\r")
+        data = await asyncio.wait_for(reader.readuntil(b"\r"), 1)
+        return data.decode().rstrip("\r")
+
+    assert await exchange("[main] 99 SC status") == recorded_recv(
+        "[main] 99 SC status"
+    )  # allowed before login
+    assert await exchange("[main] 93 login OK") == recorded_recv("[main] 93 login OK")
+    assert await exchange("[main] 23 patron status djfiander") == recorded_recv(
+        "[main] 23 patron status djfiander"
+    )
+    assert await exchange("[main] 63 patron info wrong PIN") == recorded_recv(
+        "[main] 63 patron info wrong PIN"
+    )
+    assert await exchange("[main] 29 renew item not checked out") == recorded_recv(
+        "[main] 29 renew item not checked out"
+    )
+    assert await exchange("35 end patron session") == recorded_recv("35 end patron session")
+    assert await exchange("97 request ACS resend (no checksum)") == recorded_recv(
+        "97 request ACS resend (no checksum)"
+    )
+    assert await exchange("99 with WRONG checksum") == "96AZFEF6"
+    # Without AY/AZ in the request, none in the answer (the recorded server's clock aside).
+    assert await exchange("99 without error detection fields") == body(recorded_recv("[main] 99 SC status"))
+    # An unknown patron is answered from the recorded "unknown patron" answer.
+    unknown = await exchange(
+        None, p.patron_status_request("UWOLS", "stranger", "1", now=RECORDED_AT).build(3)
+    )
+    msg = p.parse(unknown)
+    assert msg.checksum_ok and msg.sequence == 3 and msg.get("AA") == "stranger" and msg.get("BL") == "N"
+    # Garbage closes the connection, as the recorded server did.
+    writer.write(b"XX garbage\r")
+    assert await asyncio.wait_for(reader.read(), 1) == b""
+    writer.close()
+
+
+async def test_replay_server_hangs_up_like_the_recorded_one(server: ReplayServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(recorded_sent("[nologin] 23 patron status WITHOUT login").encode() + b"\r")
+    assert await asyncio.wait_for(reader.read(), 1) == b""  # no login, no answer
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for label in ("[badlogin3] 93 bad #1", "[badlogin3] 93 bad #2", "[badlogin3] 93 bad #3"):
+        writer.write(recorded_sent(label).encode() + b"\r")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r"), 1)).decode() == recorded_recv(label) + "\r"
+    assert await asyncio.wait_for(reader.read(), 1) == b""  # three strikes
+    writer.close()
 
 
 # ------------------------------------------------------------------------------------------------

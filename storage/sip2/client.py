@@ -2,8 +2,8 @@
 
 Setting up the server side (copy into the README):
 
-* Koha — add an account to ``SIPconfig.xml`` (``/etc/koha/sites/<instance>/``; Koha 24.11+ also
-  has SIP2 accounts under Administration): ``<login id="librarybot" password="…"
+* Koha — add an account to ``SIPconfig.xml`` (``/etc/koha/sites/<instance>/``; recent Koha versions
+  also manage SIP2 accounts under Administration): ``<login id="librarybot" password="…"
   institution="MAIN" error-detect="enabled" encoding="utf8" terminator="CR" delimiter="|"/>``;
   the ``id``/``password`` must be a Koha staff user with the *circulate* permission; the
   ``<institution id="MAIN">`` policy needs ``renewal="true"``. Start it with ``koha-sip --enable
@@ -12,8 +12,8 @@ Setting up the server side (copy into the README):
   institution="MAIN"/>`` (an Evergreen staff account with circulation permissions) under
   ``<accounts>``, an ``<institution id="MAIN" implementation="OpenILS::SIP">`` with
   ``<policy renewal="true" …/>``, and ``<encoding>utf8</encoding>`` in its implementation
-  config; restart with ``osrf_control --restart-sip`` (or, with SIP2Mediator on 3.12+, add the
-  account under Administration → SIP2 Accounts).
+  config; start it with ``oils_ctl.sh -a start_sip -s /openils/conf/oils_sip.xml`` (with the
+  SIP2Mediator of Evergreen 3.12+, add the account in the staff client's SIP2 administration).
 * FOLIO — run the ``edge-sip2`` module (``java -jar edge-sip2-fat.jar -conf sip2.conf``); in its
   tenant file set ``errorDetectionEnabled`` and ``charset`` (default IBM850: set
   ``LIBRARYBOT_SIP2_ENCODING=cp850`` or change it to UTF-8) to match ours; log in as a FOLIO user,
@@ -22,7 +22,9 @@ Setting up the server side (copy into the README):
 
 Our side: ``LIBRARYBOT_SIP2_HOST``, ``_PORT``, ``_USER``, ``_PASSWORD``, ``_INSTITUTION`` (the
 institution id above), ``_LOCATION``, ``_TLS``, ``_ENCODING`` (gb18030 for many Chinese systems),
-``_ERROR_DETECTION``; ``librarybot sip2 check`` shows what the server says it supports.
+``_ERROR_DETECTION``, and optionally ``_TIMEOUT`` (5 s), ``_POOL_SIZE`` (4),
+``_HEARTBEAT_SECONDS`` (60), ``_TERMINAL_PASSWORD``, ``_TLS_VERIFY``, ``_TLS_CA_FILE``;
+``librarybot sip2 check`` shows what the server says it supports.
 
 How the client behaves, and why:
 

@@ -839,8 +839,8 @@ def mask(raw: str | bytes, encoding: str = "utf-8") -> str:
     try:
         msg = parse(text, encoding)
     except Sip2Error:
-        # Unreadable: mask anything that looks like a secret field after a delimiter.
-        return re.sub(r"(\|)(AD|CO|AC)[^|]+", r"\1\2****", text)
+        # Unreadable, so field boundaries are unknown: mask whatever looks like a secret field.
+        return re.sub(r"(AD|CO|AC)[^|]+", r"\1****", text)
     masked = [(c, "****" if c in SECRET_FIELDS and v else v) for c, v in msg.fields]
     if masked == msg.fields:
         return text
