@@ -18,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account
+from handlers import account, tickets
 from storage.db import Database
 from storage.people import Role, list_staff
 from storage.policy import Policy
@@ -55,6 +55,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(TypeHandler(Update, FloodControl()), group=-1)
 
     account.register(app)  # /start (with invite deep links), /login conversation, /language, …
+
+    tickets.register(app)  # /complain, /feedback and ticket replies (a conversation), /tickets, claim buttons, SLA jobs
 
     account.register_last(app)  # /cancel outside a conversation, unknown commands, stale buttons
 

@@ -12,11 +12,12 @@ import storage.circulation
 import storage.outbox
 import storage.people
 import storage.state
+import storage.tickets
 from storage.db import Base, Database
 
 __all__ = ["Base", "create_schema", "alembic_config"]
 
-MODULES = [storage.catalog, storage.circulation, storage.outbox, storage.people, storage.state]
+MODULES = [storage.catalog, storage.circulation, storage.outbox, storage.people, storage.state, storage.tickets]
 
 
 def alembic_config(url: str) -> Config:
