@@ -34,6 +34,13 @@ async def watch(env: EmbeddedBot, user_id: int, *, chat_id: int | None = None, l
     return person
 
 
+async def latest(person: Person, fragment: str) -> dict[str, Any]:
+    """The newest bot message containing ``fragment``: already there (it may arrive while the person's
+    own last action was still being answered), or the next one to come."""
+    found = [m for m in person.bot_messages() if fragment in (m["text"] or "")]
+    return found[-1] if found else (await person.wait_for(containing(fragment)))[-1]
+
+
 async def setup(env: EmbeddedBot) -> None:
     """A reader with a linked card (Wang Fang, C0301) and two staff members."""
     async with env.db.session() as s:
@@ -255,7 +262,7 @@ async def test_a_reply_to_a_reader_who_blocked_the_bot_is_kept(bot_env: Embedded
     assert "1 new" in texts(queue)
     await li.press("T-000001")
     await li.press("Claim")
-    card = (await li.wait_for(containing("You claimed ticket T-000001")))[-1]
+    card = await latest(li, "You claimed ticket T-000001")
     bot_env.emulator.block(READER)
     await li.press("Reply", message=card)
     await li.send("We ordered two more.")
