@@ -300,9 +300,8 @@ async def history(session: AsyncSession, ticket_id: int) -> list[HistoryEntry]:
     )
     entries = []
     for message, state in rows:
+        # No outbox row: never relayed (an addition to a new ticket), or erased with its recipient's data.
         delivered = None if state in (None, DeliveryState.QUEUED, DeliveryState.SENDING) else state == DeliveryState.SENT
-        if message.delivery_id is not None and state is None:
-            delivered = None  # the outbox row was erased (the recipient erased their data)
         entries.append(HistoryEntry(message, delivered))
     return entries
 
@@ -621,7 +620,7 @@ async def resolve(session: AsyncSession, ticket_id: int, staff_id: int, text: st
         .where(Ticket.id == ticket_id, Ticket.status.in_([TicketStatus.OPEN, TicketStatus.WAITING]))
         .values(
             status=TicketStatus.RESOLVED, resolved_at=now, assignee_id=staff_id,
-            first_response_at=func.coalesce(Ticket.first_response_at, now),
+            first_response_at=ticket.first_response_at or now,
         )
         .execution_options(synchronize_session=False)
     )
@@ -661,8 +660,8 @@ async def rate(session: AsyncSession, ticket_id: int, requester_id: int, stars: 
             (Ticket.status == TicketStatus.RESOLVED) | (Ticket.status == TicketStatus.CLOSED),
         )
         .values(
-            rating=stars, status=TicketStatus.CLOSED, closed_at=func.coalesce(Ticket.closed_at, now),
-            closed_reason=func.coalesce(Ticket.closed_reason, "rated"),
+            rating=stars, status=TicketStatus.CLOSED, closed_at=ticket.closed_at or now,
+            closed_reason=ticket.closed_reason or "rated",
         )
         .execution_options(synchronize_session=False)
     )
