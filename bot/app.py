@@ -18,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, tickets
+from handlers import account, loans, tickets
 from storage.db import Database
 from storage.people import Role, list_staff
 from storage.policy import Policy
@@ -55,6 +55,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(TypeHandler(Update, FloodControl()), group=-1)
 
     account.register(app)  # /start (with invite deep links), /login conversation, /language, …
+
+    loans.register(app)  # /loans, /renew, /holds, /settings, renew/hold/reminder buttons, the daily notice job
 
     tickets.register(app)  # /complain, /feedback and ticket replies (a conversation), /tickets, claim buttons, SLA jobs
 

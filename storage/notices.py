@@ -225,7 +225,7 @@ async def run_notice_cycle(
                 for chat_id, key, params in chunk:
                     row = await enqueue(
                         s, chat_id, "loans.digest", params, kind="notice", priority=Priority.BULK,
-                        buttons=[[["loans.btn_my_loans", "loans:0"]]], dedupe_key=key,
+                        buttons=[[["loans.btn_my_loans", "loans:show"]]], dedupe_key=key,
                     )
                     queued += row is not None
             return queued

@@ -70,7 +70,7 @@ async def test_digest_lists_due_soon_and_overdue_levels_only(db: Database) -> No
     assert "due <b>2025-03-13</b> (in 3 days)" in body
     zh = digest.params["body"]["zh"]
     assert "已逾期 7 天" in zh and "即将到期" in zh
-    assert digest.buttons == [[["loans.btn_my_loans", "loans:0"]]]
+    assert digest.buttons == [[["loans.btn_my_loans", "loans:show"]]]
     rendered = t("en", digest.text_key, **{"body": digest.params["body"]["en"]})
     assert rendered.startswith("🔔 <b>Library reminders</b>")
 
