@@ -14,8 +14,17 @@ of the /settings reminder choices, and some holds waiting on the shelf. Then, si
 - a naive baseline: per reader, one query for their loans and one ``enqueue`` — run on a slice of
   readers and extrapolated to all of them.
 
-The target (PRODUCT.md §6) is under 60 s of work. Figures are printed; the last recorded ones are
-in bench/RESULTS.md.
+The target (PRODUCT.md §6) is under 60 s of work.
+
+Recorded figures (2 CPUs, Python 3.11; 100,000 loans, 30,000 readers; 5,570 reader digests and the
+staff digest with 59,189 overdue loans in its CSV):
+
+    store                      cycle   same-day rerun   naive loop (1,000 readers, ×30)   peak memory
+    SQLite (file, WAL)         13.0 s       1.5 s            59.6 s                       110 MiB traced, RSS +98 MiB
+    PostgreSQL 15 (loopback)   22.0 s       2.3 s           253.6 s                       RSS +83 MiB
+
+Most of the cycle is queueing: one outbox row per digest through ``storage.outbox.enqueue`` (each
+in its own savepoint, so a concurrent run's row is skipped, never duplicated).
 """
 
 from __future__ import annotations

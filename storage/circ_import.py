@@ -528,7 +528,10 @@ async def _demo_items(session: AsyncSession, needed: int) -> list[Item]:
     return items
 
 
-_DEMO_TITLES = ("红楼梦", "The Art of Computer Programming", "活着", "A Brief History of Time", "围城", "Dune")
+_DEMO_TITLES = (
+    "红楼梦", "The Art of Computer Programming", "活着", "A Brief History of Time", "围城", "Dune", "三体",
+    "Pride and Prejudice", "西游记", "The Old Man and the Sea", "平凡的世界", "Moby-Dick",
+)
 
 
 async def seed_demo_circulation(

@@ -608,7 +608,8 @@ class CheckoutResult:
     def describe(self) -> str:
         """One line for the desk (the CLI)."""
         if not self.ok:
-            return f"checkout of {self.barcode} refused: {_CHECKOUT_REFUSALS.get(self.refused, str(self.refused))}"
+            reason = _CHECKOUT_REFUSALS[self.refused] if self.refused else "refused"
+            return f"checkout of {self.barcode} refused: {reason}"
         return f"{self.barcode} ({self.title}) lent to card {self.card_number}, due {self.due_date}"
 
 

@@ -416,6 +416,14 @@ class LocalCirculation:
         return await self._run(work)
 
 
+def sip2_config(settings: Any = None) -> Any:
+    """The connection settings of the library's SIP2 server (``LIBRARYBOT_SIP2_*`` in the environment);
+    ``ValueError`` names what is missing or wrong."""
+    from storage.sip2.client import Sip2Config
+
+    return Sip2Config.from_env()
+
+
 def make_circulation_service(
     kind: str,
     db: Database,
@@ -425,18 +433,14 @@ def make_circulation_service(
     *,
     clock: Callable[[], dt.datetime] | None = None,
 ) -> CirculationService:
-    """The service named by ``LIBRARYBOT_ILS``: "local" (this store). A SIP2 connector registers
-    itself as ``storage.sip2.make_circulation_service(db, policy, tz, settings, clock)``."""
+    """The service named by ``LIBRARYBOT_ILS``: "local" (this store) or "sip2" (the library's own
+    system, ``storage.ils_sip2.Sip2Circulation``, configured by the ``LIBRARYBOT_SIP2_*`` settings)
+    implementing ``CirculationService``; handlers do not change."""
     kind = (kind or "local").strip().lower()
     if kind == "local":
         return LocalCirculation(db, policy, tz, clock or utcnow)
     if kind == "sip2":
-        try:
-            from storage import sip2  # type: ignore[attr-defined]
+        from storage.ils_sip2 import Sip2Circulation  # imported here: it builds on this module
 
-            factory = sip2.make_circulation_service
-        except (ImportError, AttributeError):
-            raise ValueError("LIBRARYBOT_ILS=sip2, but this build has no SIP2 connector") from None
-        service: CirculationService = factory(db, policy, tz, settings, clock or utcnow)
-        return service
+        return Sip2Circulation.from_settings(db, policy, tz, settings, clock or utcnow)
     raise ValueError(f"LIBRARYBOT_ILS must be local or sip2, not {kind!r}")

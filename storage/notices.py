@@ -32,8 +32,9 @@ import html
 import io
 import time
 import tracemalloc
+import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -54,6 +55,25 @@ LANGUAGES = ("zh", "en")
 MAX_LINES = 15  # per section of a reader's digest; the rest is "… and N more" (Telegram caps a message)
 CAPTION_LIMIT = 1000  # Telegram allows 1,024 characters in a document caption
 BATCH = 1000  # digests queued per transaction
+
+
+# With LIBRARYBOT_ILS=sip2 the loans live in the library's own system: its connector registers a
+# source for the database it serves, and the cycle reads the linked readers' loans from it instead
+# of the local loan rows (storage.ils_sip2.Sip2Circulation.notice_loans). Rows are
+# (reader_id, due_at, barcode, item_type, title, card_number, reader_name, category).
+LoanSource = Callable[[Sequence[int], dt.datetime], Awaitable[Sequence[tuple[Any, ...]]]]
+_loan_sources: weakref.WeakKeyDictionary[Database, LoanSource] = weakref.WeakKeyDictionary()
+
+
+def use_loan_source(db: Database, source: LoanSource) -> Callable[[], None]:
+    """Let ``source(reader_ids, horizon)`` give the cycle its loans on ``db``; returns the undo."""
+    _loan_sources[db] = source
+
+    def undo() -> None:
+        if _loan_sources.get(db) is source:
+            del _loan_sources[db]
+
+    return undo
 
 
 @dataclass
@@ -146,7 +166,8 @@ async def run_notice_cycle(
         ).all()
         ahead = max([0, *policy.notices.due_soon_days, *(r for _, _, r in users)])
         horizon = circ.end_of_day(day + dt.timedelta(days=ahead), tz)
-        loans = (
+        source = _loan_sources.get(db)
+        loans: Sequence[Any] = [] if source is not None else (
             await s.execute(
                 select(
                     Loan.reader_id, Loan.due_at, Item.barcode, Item.item_type, Record.title,
@@ -170,6 +191,8 @@ async def run_notice_cycle(
         already = set(
             await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.like(f"digest:{day.isoformat()}:%")))
         )
+    if source is not None:  # outside the session: the library's system may take a while
+        loans = await source(sorted({r for _, r, _ in users if r is not None}), horizon)
 
     levels = set(policy.notices.overdue_levels)
     per_reader: dict[int, _ReaderNotices] = defaultdict(_ReaderNotices)
@@ -187,6 +210,8 @@ async def run_notice_cycle(
     report.overdue_total = len(overdue_rows)
     warn = policy.notices.hold_expiry_warning_days
     for reader_id, expires_at, branch, title in holds:
+        if expires_at is None:
+            continue
         deadline = circ.local_date(expires_at, tz)
         if deadline < day:
             continue  # expired, or will be by the next run
@@ -196,17 +221,17 @@ async def run_notice_cycle(
 
     pending: list[tuple[int, str, dict[str, Any]]] = []
     notified: set[int] = set()
-    for chat_id, reader_id, reminder_days in users:
-        notices = per_reader.get(reader_id)
-        if notices is None:
+    for chat_id, card_id, reminder_days in users:
+        notices = per_reader.get(card_id) if card_id is not None else None
+        if notices is None or card_id is None:
             continue
         ahead_days = circ.due_soon_days_for(reminder_days, policy)
         due_soon = [e for e in notices.due if e.days in ahead_days]
         triggered = due_soon or notices.overdue_levels or any(expiring for *_, expiring in notices.holds)
         if not triggered:
             continue
-        key = f"digest:{day.isoformat()}:{reader_id}:{chat_id}"
-        notified.add(reader_id)
+        key = f"digest:{day.isoformat()}:{card_id}:{chat_id}"
+        notified.add(card_id)
         if key in already:
             report.digests_already_sent += 1
             continue

@@ -401,11 +401,13 @@ async def test_local_circulation_views(db: Database) -> None:
     assert not (await service.check_card("NOPE", "1234")).valid
 
 
-async def test_unreachable_database_is_circulation_unavailable() -> None:
-    broken = Database("sqlite+aiosqlite:////nonexistent/dir/x.db")
-    service = LocalCirculation(broken, POLICY, TZ)
-    try:
-        with pytest.raises(CirculationUnavailable):
-            await service.loans(1)
-    finally:
-        await broken.dispose()
+async def test_unreachable_database_is_circulation_unavailable(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused() -> object:
+        raise ConnectionRefusedError("database server not answering")
+
+    monkeypatch.setattr(db, "session", refused)
+    service = LocalCirculation(db, POLICY, TZ)
+    with pytest.raises(CirculationUnavailable):
+        await service.loans(1)
+    with pytest.raises(CirculationUnavailable):
+        await service.renew(1, "X")
