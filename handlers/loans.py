@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PER_PAGE = 8
 MAX_DATA = 64  # Telegram's limit on callback data, in bytes
+CATCH_UP_DELAY = 60.0  # seconds after start-up, so the bot answers people first
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -398,3 +399,7 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
     if app.job_queue is not None:
         at = svc.policy.notices.time.replace(tzinfo=svc.tz)
         app.job_queue.run_daily(daily_notices, time=at, name="daily-notices")
+        if svc.now().astimezone(svc.tz).time() >= svc.policy.notices.time:
+            # Started after today's notice time (a restart, a deploy): catch up once. Idempotent, so
+            # a day whose notices were already queued gets nothing twice.
+            app.job_queue.run_once(daily_notices, when=CATCH_UP_DELAY, name="daily-notices-catch-up")

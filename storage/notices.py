@@ -13,7 +13,8 @@ Run each morning at ``policy.notices.time`` by the bot's job queue and by ``libr
    - holds waiting on the hold shelf; a hold alone triggers a digest when its pick-up deadline is
      within ``hold_expiry_warning_days`` (the reader was told the moment the copy arrived);
 3. queues one digest for the staff chat: overdue loans per level (1–6, 7–13, 14+ days by default),
-   the loans overdue at least ``staff_alert_days`` days, and a CSV of every overdue loan.
+   the loans overdue at least ``staff_alert_days`` days, and a CSV of every overdue loan (nothing
+   when no loan is overdue).
 
 Every message carries a dedupe key (``digest:<day>:<reader>:<chat>``, ``staff-digest:<day>``) that the
 outbox keeps unique, so a second run the same day, a restart in the middle, or two bot processes
@@ -259,7 +260,9 @@ async def run_notice_cycle(
         report.digests_queued += queued
         report.digests_already_sent += len(chunk) - queued
 
-    if staff_chat_id is not None:
+    if staff_chat_id is not None and not overdue_rows:
+        report.staff_digest = "nothing overdue, not sent"
+    elif staff_chat_id is not None:
         report.staff_digest = await _staff_digest(db, policy, day, render, staff_chat_id, overdue_rows)
 
     report.seconds = time.perf_counter() - started
@@ -364,7 +367,7 @@ async def _staff_digest(
     async with db.session() as s:
         row = await enqueue(
             s, staff_chat_id, "loans.staff_digest", {"body": params}, kind="alert", priority=Priority.BULK,
-            document=(f"overdue-{day.isoformat()}.csv", overdue_csv(overdue, policy)) if overdue else None,
+            document=(f"overdue-{day.isoformat()}.csv", overdue_csv(overdue, policy)),
             dedupe_key=key,
         )
     return "queued" if row is not None else "already queued earlier"

@@ -186,6 +186,9 @@ async def test_daily_digest_once_even_across_a_restart(bot_env: EmbeddedBot) -> 
     ann = await reader(bot_env.db, ANN, "A0001", "Ann")
     await lend(bot_env.db, ann, "SOON-1", "Due in three days", 3, now)
     await lend(bot_env.db, ann, "LATE-1", "A week late", -7, now)
+    ben = await reader(bot_env.db, BEN, "B0002", "Ben")
+    await lend(bot_env.db, ben, "BEN-1", "Ben's late book", -1, now)
+    bot_env.emulator.block(BEN)  # Ben blocked the bot: his digest is undeliverable, nothing else stops
     a = await watch(bot_env, ANN)
     group = await watch(bot_env, STAFF, chat_id=STAFF_CHAT_ID)
 
@@ -206,8 +209,11 @@ async def test_daily_digest_once_even_across_a_restart(bot_env: EmbeddedBot) -> 
     await asyncio.sleep(1.0)  # time for a second digest to arrive, were one queued
     assert sum("Library reminders" in (m["plain"] or "") for m in a.bot_messages()) == 1
     async with bot_env.db.session() as s:
-        digests = list(await s.scalars(select(Delivery).where(Delivery.text_key == "loans.digest")))
-        assert len(digests) == 1
+        digests = {d.chat_id: d for d in await s.scalars(select(Delivery).where(Delivery.text_key == "loans.digest"))}
+        assert set(digests) == {ANN, BEN}
+        assert digests[ANN].state == "sent" and digests[BEN].state == "unreachable"
+        blocked = await s.get(User, BEN)
+        assert blocked is not None and blocked.unreachable
 
 
 async def test_settings_and_an_unavailable_library_system(bot_env: EmbeddedBot) -> None:

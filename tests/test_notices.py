@@ -262,3 +262,13 @@ async def test_reminder_setting(db: Database) -> None:
 def test_level_bands() -> None:
     assert level_bands([1, 7, 14]) == [(1, 6), (7, 13), (14, None)]
     assert level_bands([3]) == [(3, None)]
+
+
+async def test_no_overdue_loans_no_staff_digest(db: Database) -> None:
+    async with db.session() as s:
+        reader = await card(s, "A1", telegram_id=101)
+    await loan_due(db, reader.id, "L", 1)
+    report = await cycle(db)
+    assert report.staff_digest == "nothing overdue, not sent" and report.digests_queued == 1
+    async with db.session() as s:
+        assert await outbox(s, STAFF_CHAT) == []
