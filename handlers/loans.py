@@ -30,7 +30,6 @@ from telegram.ext import Application, CallbackQueryHandler, CommandHandler, Cont
 
 from bot.context import Who, services, who
 from bot.i18n import t
-from bot.roles import requires
 from bot.ui import Button, answer, edit, paginate, parse_page, reply
 from storage.ils import (
     CirculationService,
@@ -42,7 +41,6 @@ from storage.ils import (
     RenewalRefused,
 )
 from storage.notices import REMINDER_CHOICES, reminder_days_of, run_notice_cycle, set_reminder_days
-from storage.people import Role
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +90,18 @@ def _hint(context: ContextTypes.DEFAULT_TYPE, lang: str, loan: LoanView) -> str:
     return t(lang, "loans.list_item_not_renewable", reason=_reason(context, lang, refusal))
 
 
+async def _reader(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who | None:
+    """The person when a library card is linked to them (staff too); anyone else is asked to log in."""
+    me = await who(update, context)
+    if me.reader_id is not None:
+        return me
+    if update.callback_query is not None:
+        await answer(update, context, "common.needs_login", alert=True, lang=me.lang)
+    else:
+        await reply(update, context, "common.needs_login", lang=me.lang)
+    return None
+
+
 async def _unavailable(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who) -> None:
     log.warning("circulation service unavailable for user %s", me.user_id)
     if update.callback_query is not None:
@@ -131,8 +141,7 @@ def _loans_buttons(lang: str, loans: Sequence[LoanView], first: int, listed_at: 
     return rows
 
 
-async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, page: int, *, replace: bool) -> None:
-    me = await who(update, context)
+async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, page: int, *, replace: bool) -> None:
     assert me.reader_id is not None
     try:
         loans = await _circulation(context).loans(me.reader_id)
@@ -153,20 +162,21 @@ async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, page: 
     await send(update, context, "loans.text", buttons=buttons, lang=me.lang, text=text)
 
 
-@requires(Role.READER)
 async def loans_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """/loans: every loan with its due date, days overdue and fine, a Renew button each and Renew all."""
-    await _show_loans(update, context, 0, replace=False)
+    if (me := await _reader(update, context)) is not None:
+        await _show_loans(update, context, me, 0, replace=False)
 
 
-@requires(Role.READER)
 async def loans_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """``loans:show`` (the digest's button: a new list) or ``loans:page:<n>`` (turn the page)."""
+    if (me := await _reader(update, context)) is None:
+        return
     data = update.callback_query.data if update.callback_query else ""
     if data == "loans:show":
-        await _show_loans(update, context, 0, replace=False)
+        await _show_loans(update, context, me, 0, replace=False)
     else:
-        await _show_loans(update, context, parse_page(data), replace=True)
+        await _show_loans(update, context, me, parse_page(data), replace=True)
 
 
 # --- renewals -----------------------------------------------------------------------------------------
@@ -198,11 +208,11 @@ async def _say_summary(update: Update, context: ContextTypes.DEFAULT_TYPE, me: W
     await reply(update, context, "loans.text", lang=me.lang, text="\n".join(lines))
 
 
-@requires(Role.READER)
 async def renew_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """A Renew (``renew:<renewals>:<barcode>``) or Renew all (``renew:all:<time>``) button."""
-    me = await who(update, context)
-    assert me.reader_id is not None and update.callback_query is not None
+    me = await _reader(update, context)
+    if me is None or me.reader_id is None or update.callback_query is None:
+        return
     _, kind, rest = ((update.callback_query.data or "").split(":", 2) + ["", ""])[:3]
     try:
         if kind == "all":
@@ -222,11 +232,11 @@ async def renew_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
     await _say_renewal(update, context, me, outcome)
 
 
-@requires(Role.READER)
 async def renew_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """/renew BARCODE or /renew all, without buttons."""
-    me = await who(update, context)
-    assert me.reader_id is not None
+    me = await _reader(update, context)
+    if me is None or me.reader_id is None:
+        return
     args = context.args or []
     if len(args) != 1:
         await reply(update, context, "loans.renew_usage", lang=me.lang)
@@ -271,10 +281,11 @@ async def _show_holds(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Wh
     await send(update, context, "loans.text", buttons=rows, lang=me.lang, text=_holds_text(context, me.lang, holds))
 
 
-@requires(Role.READER)
 async def holds_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """/holds: each hold with its place in the queue (or its pick-up deadline) and a Cancel button."""
-    me = await who(update, context)
+    me = await _reader(update, context)
+    if me is None:
+        return
     try:
         await _show_holds(update, context, me, replace=False)
     except CirculationUnavailable:
@@ -295,12 +306,12 @@ async def _say_hold(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who,
         await send(update, context, "loans.hold_refused_plain", lang=me.lang, reason=reason)
 
 
-@requires(Role.READER)
 async def hold_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """``hold:place:<record>`` (from a search result), ``hold:at:<record>:<branch>`` (the pick-up
     branch chosen) or ``hold:cancel:<hold id>`` (from /holds)."""
-    me = await who(update, context)
-    assert me.reader_id is not None and update.callback_query is not None
+    me = await _reader(update, context)
+    if me is None or me.reader_id is None or update.callback_query is None:
+        return
     parts = (update.callback_query.data or "").split(":")
     action = parts[1] if len(parts) > 1 else ""
     svc = services(context)

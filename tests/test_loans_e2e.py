@@ -18,7 +18,7 @@ from storage.circulation import Hold, Loan
 from storage.db import Database
 from storage.ils import CirculationUnavailable
 from storage.outbox import Delivery
-from storage.people import Reader, User
+from storage.people import Reader, Role, User, add_staff
 from storage.policy import Circulation, Policy
 from tests.circ_helpers import pin_hash
 
@@ -138,6 +138,10 @@ async def test_card_and_fine_refusals(bot_env: EmbeddedBot) -> None:
     assert "your library card is blocked" in plain(await e.send("/renew E-1"))
     visitor = await bot_env.person(VISITOR)
     assert "link your library card first" in plain(await visitor.send("/loans"))
+    async with bot_env.db.session() as s:
+        await add_staff(s, STAFF, Role.STAFF, "Li Na")  # staff, but no library card of their own
+    staff = await bot_env.person(STAFF)
+    assert "link your library card first" in plain(await staff.send("/holds"))
 
 
 async def test_hold_placed_filled_and_the_borrower_told(bot_env: EmbeddedBot) -> None:
