@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from aiohttp import web
 from telegram.ext import Application
 
 from bot.context import Services
@@ -44,8 +45,11 @@ class EmbeddedBot:
     ) -> EmbeddedBot:
         """Start the emulator (unless one is given) and the bot against it; ``settings`` override
         the defaults by field name (``staff_chat_id=…``, ``broadcast_rate=…``)."""
+        holder: list[EmbeddedBot] = []
         if emulator is None:
             emulator = Emulator(token=TOKEN)
+            # The demo serves the emulator's web app: it gets the same health check as webhook mode.
+            emulator.app.router.add_get("/healthz", _healthz(holder))
             await emulator.start(host, port)
         values: dict[str, Any] = {
             "database_url": db.url,
@@ -55,6 +59,7 @@ class EmbeddedBot:
             **settings,
         }
         embedded = cls(emulator, Settings(_env_file=None, **values), db, policy or Policy())  # type: ignore[call-arg]
+        holder.append(embedded)
         await embedded._start_app()
         return embedded
 
@@ -103,3 +108,18 @@ class EmbeddedBot:
         for person in self.people:
             await person.close()
         await self.emulator.stop()
+
+
+def _healthz(holder: list[EmbeddedBot]) -> Any:
+    """``GET /healthz`` of the embedded bot: database reachability and outbox backlog, as in
+    webhook mode (``bot.web``); 503 while the bot is not running or the database is unreachable."""
+    from bot.web import health
+
+    async def healthz(_request: web.Request) -> web.Response:
+        app = holder[0].app if holder else None
+        if app is None:
+            return web.json_response({"ok": False, "bot": "stopped"}, status=503)
+        ok, report = await health(app)
+        return web.json_response({"ok": ok, **report}, status=200 if ok else 503)
+
+    return healthz

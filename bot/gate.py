@@ -7,25 +7,61 @@ import collections
 import logging
 import time
 
+from sqlalchemy.exc import DBAPIError, OperationalError
 from telegram import Update
+from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot.context import services
 from bot.ui import reply
-from storage.state import claim_update, update_seen
+from storage.state import claim_update
 
 log = logging.getLogger(__name__)
 
 FLOOD_WINDOW = 10.0  # seconds
 FLOOD_LIMIT = 20  # updates per person per window before they are slowed down
 
+# Errors meaning "the database cannot be reached right now" (a restart, a network cut, a full pool).
+DATABASE_DOWN = (DBAPIError, OperationalError, OSError, ConnectionError, TimeoutError)
+
 
 async def drop_duplicates(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Stop an update that was already processed (Telegram or a restart delivered it again)."""
-    async with services(context).db.session() as session:
-        if await update_seen(session, update.update_id):
-            log.info("update %s already processed; ignored", update.update_id)
-            raise ApplicationHandlerStop
+    """Claim the update before any handler runs; a copy of it stops here.
+
+    The claim is one atomic insert into ``processed_updates``, committed at once: a copy delivered
+    again (by Telegram after a restart, or to a second bot process at the same moment, or twice in
+    one batch) finds the row and is dropped, so every update is processed once. An update
+    interrupted by a crash is not run a second time: what it wrote is durable, the person (who saw
+    no answer) sends again. When the database cannot be reached the person is told to try again,
+    once, here, and nothing else runs (every handler would fail the same way and answer again).
+    """
+    try:
+        async with services(context).db.session() as session:
+            first = await claim_update(session, update.update_id)
+    except DATABASE_DOWN as exc:
+        log.warning("database unreachable for update %s: %s", update.update_id, type(exc).__name__)
+        await _tell_try_again(update, context)
+        raise ApplicationHandlerStop from None
+    if not first:
+        log.info("update %s already processed; ignored", update.update_id)
+        raise ApplicationHandlerStop
+
+
+async def _tell_try_again(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """"Nothing was saved, try again" in the person's Telegram language (the store is unreachable)."""
+    if update.effective_chat is None:
+        return
+    code = (update.effective_user.language_code or "") if update.effective_user else ""
+    lang = "zh" if code.startswith("zh") else "en" if code.startswith("en") else services(context).default_language
+    try:
+        if update.callback_query is not None:
+            from bot.ui import answer
+
+            await answer(update, context, "common.try_again_later", alert=True, lang=lang)
+        else:
+            await reply(update, context, "common.try_again_later", lang=lang)
+    except TelegramError:
+        log.warning("could not tell the person to try again")
 
 
 async def drop_without_sender(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -62,11 +98,19 @@ class FloodControl:
 
 
 async def mark_processed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """After the handlers: make conversation and user data durable, then record the update as done.
-
-    Recording only at the end means an update interrupted by a crash is processed again after the
-    restart rather than lost; the store's operations are written so that a repeat does no harm.
-    """
-    await context.application.update_persistence()
-    async with services(context).db.session() as session:
-        await claim_update(session, update.update_id)
+    """After the handlers: make the conversation state and the user and chat data durable now,
+    not at the next periodic save, so a crash after this update loses nothing of it."""
+    # python-telegram-bot marks this update's user and chat data for saving only after the last
+    # group ran, i.e. after this handler: without marking them here a step's user_data (such as the
+    # card number of "/login CARD", a person's first message) would reach the database one update
+    # late and be lost by a crash in between.
+    context.application.mark_data_for_update_persistence(
+        chat_ids=update.effective_chat.id if update.effective_chat else None,
+        user_ids=update.effective_user.id if update.effective_user else None,
+    )
+    try:
+        await context.application.update_persistence()
+    except DATABASE_DOWN as exc:
+        # The handlers already answered (or the error handler told the person to try again); a
+        # second "try again" here would only confuse. The state is saved with the next update.
+        log.warning("could not save the state after update %s: %s", update.update_id, type(exc).__name__)

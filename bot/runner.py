@@ -44,6 +44,13 @@ async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
         await app.updater.stop()
     if app.running:
         await app.stop()
+    # The outbox dispatcher sends through the application's bot: stop it (the messages in flight
+    # finish, the rest go back to the queue) before shutdown() closes the bot's connections, or
+    # those last sends would fail and wait for their lease to run out.
+    dispatcher = app.bot_data.get("dispatcher")
+    if dispatcher is not None:
+        app.bot_data["dispatcher"] = None  # post_shutdown must not stop it a second time
+        await dispatcher.stop()
     await app.shutdown()
     if app.post_shutdown is not None:
         await app.post_shutdown(app)

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import DBAPIError
 from telegram import Update
 from telegram.ext import Application
 
@@ -23,8 +24,11 @@ async def health(app: Application) -> tuple[bool, dict[str, Any]]:  # type: igno
     svc = services(app)
     report: dict[str, Any] = {"database": await svc.db.ping()}
     if report["database"]:
-        async with svc.db.session() as session:
-            report["outbox_backlog"] = await backlog(session)
+        try:
+            async with svc.db.session() as session:
+                report["outbox_backlog"] = await backlog(session)
+        except (OSError, DBAPIError):  # the database went away between the two questions
+            report["database"] = False
     return bool(report["database"]), report
 
 
