@@ -18,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, loans, tickets
+from handlers import account, ill, loans, stats, tickets
 from storage.db import Database
 from storage.people import Role, list_staff
 from storage.policy import Policy
@@ -59,6 +59,10 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     loans.register(app)  # /loans, /renew, /holds, /settings, renew/hold/reminder buttons, the daily notice job
 
     tickets.register(app)  # /complain, /feedback and ticket replies (a conversation), /tickets, claim buttons, SLA jobs
+
+    ill.register(app)  # /ill request conversation, the staff's partner question, /requests, /illqueue, ILL buttons
+
+    stats.register(app)  # /stats (staff): figures, weekly chart, CSV
 
     account.register_last(app)  # /cancel outside a conversation, unknown commands, stale buttons
 

@@ -417,8 +417,16 @@ class LocalCirculation:
 
 
 def sip2_config(settings: Any = None) -> Any:
-    """The connection settings of the library's SIP2 server (``LIBRARYBOT_SIP2_*`` in the environment);
+    """The connection settings of the library's SIP2 server (``LIBRARYBOT_SIP2_*``): from the bot's
+    settings through the SIP2 connector when it is installed, else from the environment.
     ``ValueError`` names what is missing or wrong."""
+    if settings is not None:
+        try:
+            from storage.ils_sip2 import sip2_config as from_settings  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            pass
+        else:
+            return from_settings(settings)
     from storage.sip2.client import Sip2Config
 
     return Sip2Config.from_env()
@@ -434,13 +442,16 @@ def make_circulation_service(
     clock: Callable[[], dt.datetime] | None = None,
 ) -> CirculationService:
     """The service named by ``LIBRARYBOT_ILS``: "local" (this store) or "sip2" (the library's own
-    system, ``storage.ils_sip2.Sip2Circulation``, configured by the ``LIBRARYBOT_SIP2_*`` settings)
-    implementing ``CirculationService``; handlers do not change."""
+    system through ``storage.ils_sip2.Sip2Circulation``, which implements ``CirculationService``;
+    the handlers do not change)."""
     kind = (kind or "local").strip().lower()
     if kind == "local":
         return LocalCirculation(db, policy, tz, clock or utcnow)
     if kind == "sip2":
-        from storage.ils_sip2 import Sip2Circulation  # imported here: it builds on this module
-
-        return Sip2Circulation.from_settings(db, policy, tz, settings, clock or utcnow)
+        try:
+            from storage.ils_sip2 import Sip2Circulation  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise ValueError("LIBRARYBOT_ILS=sip2, but this build has no SIP2 connector") from None
+        service: CirculationService = Sip2Circulation.from_settings(db, policy, tz, settings, clock or utcnow)
+        return service
     raise ValueError(f"LIBRARYBOT_ILS must be local or sip2, not {kind!r}")
