@@ -13,7 +13,7 @@ from telegram.ext import Application, ContextTypes, TypeHandler
 
 from bot.commands import set_default_menu, set_personal_menu
 from bot.context import Services, services
-from bot.dispatcher import Dispatcher
+from bot.dispatcher import BudgetRateLimiter, Dispatcher, SendBudget
 from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_processed
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
@@ -107,6 +107,7 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
         default_language=svc.default_language,
         clock=svc.now,
         paid_broadcast=svc.settings.paid_broadcast,
+        budget=app.bot_data["send_budget"],
     )
     app.bot_data["dispatcher"] = dispatcher
     dispatcher.start()
@@ -121,6 +122,8 @@ async def _post_shutdown(app: Application) -> None:  # type: ignore[type-arg]
 
 def build_application(settings: Settings, db: Database, policy: Policy, token: str) -> Application:  # type: ignore[type-arg]
     """The bot, ready to ``initialize()``; the database schema must already be up to date."""
+    # One sending budget for the outbox and the direct answers: answers go first, never meet a 429.
+    budget = SendBudget(settings.effective_broadcast_rate)
     app = (
         Application.builder()
         .token(token)
@@ -128,10 +131,12 @@ def build_application(settings: Settings, db: Database, policy: Policy, token: s
         .base_file_url(file_url(settings.telegram_api_url))
         .persistence(DatabasePersistence(db))
         .concurrent_updates(64)
+        .rate_limiter(BudgetRateLimiter(budget))
         .post_init(_post_init)
         .post_shutdown(_post_shutdown)
         .build()
     )
+    app.bot_data["send_budget"] = budget
     app.bot_data["services"] = Services(
         settings=settings, db=db, policy=policy, circulation=make_circulation(settings, db, policy)
     )

@@ -1,60 +1,202 @@
 """The outbox dispatcher: delivers every queued push (notices, alerts, relayed replies, broadcasts)
 within Telegram's limits, and records each outcome.
 
-Limits kept here, not by Telegram's refusals: ``LIBRARYBOT_BROADCAST_RATE`` messages per second
-overall (a token bucket), about one per second per private chat and 20 per minute per group. A 429
-puts the row back with Telegram's ``retry_after`` and pauses only this dispatcher, so the bot's
-answers to people chatting with it are not stalled. A 403 (blocked, deactivated) marks the
-recipient unreachable for good; network errors retry with backoff.
+Limits are kept here, not learnt from Telegram's refusals:
+
+* ``LIBRARYBOT_BROADCAST_RATE`` messages per second overall. One :class:`SendBudget` (a token bucket
+  that serves waiters by priority) is shared by the outbox and by the bot's direct answers to
+  people chatting with it (through :class:`BudgetRateLimiter`, the application's rate limiter):
+  answers take the next token before any push, an emergency before notices, so a broadcast at the
+  full rate neither stalls the answers nor makes them meet 429s.
+* about one message per second per private chat and 20 per minute per group: a row whose chat must
+  wait more than a moment goes back to the queue with a ``not_before`` instead of holding a slot.
+
+On 429 the row goes back to the queue with Telegram's ``retry_after`` and pushes pause for that
+long, answers do not. A 403 (blocked, deactivated) or "chat not found" marks the recipient
+unreachable for good; network errors and timeouts retry with exponential backoff.
+
+Crash safety: rows are leased to this process (``claimed_by``) and the lease is renewed while it
+lives; outcomes are written in small batches every few tens of milliseconds. After a crash, rows
+of the dead process go back to the queue (at once when it ran on this host, else when the lease
+runs out), so nobody is skipped and only messages in flight at the moment of the crash may be sent
+twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import heapq
+import itertools
 import logging
+import os
+import random
+import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sqlalchemy import select, update
 from telegram import Bot, InputFile
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+from telegram.ext import BaseRateLimiter
 
 from bot.i18n import language_for, localise, t
 from bot.ui import fit, keyboard
+from storage import outbox
 from storage.db import Database
-from storage.outbox import Delivery, DeliveryState, claim_due, mark
+from storage.outbox import Delivery, DeliveryState, Outcome, claim_due, mark_many
 from storage.people import User
 
 log = logging.getLogger(__name__)
 
+REPLY_PRIORITY = -10  # answers to people chatting with the bot go before every push
 MAX_ATTEMPTS = 8
-LEASE = dt.timedelta(seconds=60)
+LEASE = dt.timedelta(seconds=20)
+HEARTBEAT = 5.0  # seconds between lease renewals and looks for dead processes' rows
+FLUSH_INTERVAL = 0.05  # outcomes are written at least this often
+FLUSH_BATCH = 200
 PRIVATE_CHAT_INTERVAL = 1.0
 GROUP_CHAT_INTERVAL = 3.0  # 20 per minute
+MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
+SEND_ENDPOINTS = frozenset(
+    "sendMessage sendPhoto sendDocument sendVideo sendAudio sendVoice sendAnimation sendSticker "
+    "sendMediaGroup sendLocation sendVenue sendContact sendPoll sendDice sendVideoNote sendInvoice "
+    "sendPaidMedia copyMessage copyMessages forwardMessage forwardMessages".split()
+)
 
 
-class TokenBucket:
-    """``rate`` tokens per second, at most one second's worth saved up."""
+class SendBudget:
+    """Telegram's overall sending budget: ``rate`` tokens per second, granted by priority.
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
+    Waiters with the lowest priority number are served first, in arrival order within a priority.
+    At most ``burst`` seconds' worth of tokens are saved up (half a second: Telegram's own bucket
+    then absorbs network jitter), and it starts nearly empty, so a restarted process does not
+    burst into a bucket its predecessor had just drained.
+    """
+
+    def __init__(self, rate: float, burst: float = 0.5) -> None:
+        self.rate = float(rate)
+        self.capacity = max(1.0, self.rate * burst)
         self.tokens = 1.0
-        self.updated = time.monotonic()
-        self.lock = asyncio.Lock()
+        self.stamp = time.monotonic()
+        self.paused_until = 0.0
+        self.granted = 0
+        self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may get a push again
+        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def take(self) -> None:
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                await asyncio.sleep((1 - self.tokens) / self.rate)
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def _paused(self, priority: int, now: float) -> bool:
+        return priority > REPLY_PRIORITY and now < self.paused_until
+
+    async def take(self, priority: int) -> None:
+        """Wait for a token; lower ``priority`` numbers are served first."""
+        now = time.monotonic()
+        self._refill(now)
+        if not self._heap and self.tokens >= 1 and not self._paused(priority, now):
+            self.tokens -= 1
+            self.granted += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (priority, next(self._seq), future))
+        self._serve()
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.tokens += 1  # granted but not used
+                self.granted -= 1
+            raise
+
+    def pause(self, seconds: float) -> None:
+        """Hold every push (not the answers) for ``seconds``: Telegram asked to slow down."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self._serve()
+
+    def note_chat(self, chat_id: Any) -> None:
+        """An answer was just sent to ``chat_id``: keep the next push to it a moment later."""
+        with contextlib.suppress(TypeError, ValueError):
+            chat = int(chat_id)
+            now = time.monotonic()
+            interval = PRIVATE_CHAT_INTERVAL if chat > 0 else GROUP_CHAT_INTERVAL
+            self.chat_ready[chat] = max(self.chat_ready.get(chat, 0.0), now + interval)
+
+    def _serve(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = time.monotonic()
+        self._refill(now)
+        delay = 0.0
+        while self._heap:
+            priority, _, future = self._heap[0]
+            if future.done():  # its waiter was cancelled
+                heapq.heappop(self._heap)
+                continue
+            if self._paused(priority, now):
+                delay = self.paused_until - now
+                break
+            if self.tokens < 1:
+                delay = (1 - self.tokens) / self.rate
+                break
+            heapq.heappop(self._heap)
+            self.tokens -= 1
+            self.granted += 1
+            future.set_result(None)
+        else:
+            return
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0005), self._serve)
+
+    def prune(self) -> None:
+        """Forget the pace of chats that may be sent to again."""
+        now = time.monotonic()
+        if len(self.chat_ready) > 1000:
+            self.chat_ready = {c: r for c, r in self.chat_ready.items() if r > now}
+
+
+class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
+    """The application's rate limiter: the bot's direct answers take tokens from the shared budget
+    first, so they go out at once even during a broadcast at Telegram's full rate."""
+
+    def __init__(self, budget: SendBudget) -> None:
+        self.budget = budget
+
+    async def initialize(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def process_request(
+        self,
+        callback: Callable[..., Coroutine[Any, Any, bool | dict[str, Any] | list[dict[str, Any]]]],
+        args: Any,
+        kwargs: dict[str, Any],
+        endpoint: str,
+        data: dict[str, Any],
+        rate_limit_args: dict[str, Any] | None,
+    ) -> bool | dict[str, Any] | list[dict[str, Any]]:
+        if endpoint not in SEND_ENDPOINTS or (rate_limit_args or {}).get("outbox"):
+            return await callback(*args, **kwargs)  # edits, answers to buttons, or a push already paced
+        await self.budget.take(REPLY_PRIORITY)
+        self.budget.note_chat(data.get("chat_id"))
+        try:
+            return await callback(*args, **kwargs)
+        except RetryAfter as exc:
+            wait = _retry_after(exc)
+            if wait > 10:
+                raise
+            log.warning("an answer met a 429; retrying once after %.0f s", wait)
+            await asyncio.sleep(wait)
+            return await callback(*args, **kwargs)
 
 
 class Dispatcher:
@@ -69,105 +211,211 @@ class Dispatcher:
         default_language: str,
         clock: Callable[[], dt.datetime],
         paid_broadcast: bool = False,
-        concurrency: int = 32,
+        budget: SendBudget | None = None,
+        concurrency: int | None = None,
         poll_interval: float = 0.25,
+        lease: dt.timedelta = LEASE,
     ) -> None:
         self.bot = bot
         self.db = db
-        self.bucket = TokenBucket(rate)
+        self.budget = budget or SendBudget(rate)
         self.default_language = default_language
         self.clock = clock
         self.paid_broadcast = paid_broadcast
-        self.slots = asyncio.Semaphore(concurrency)
+        self.max_in_flight = concurrency or max(32, int(rate))  # about a second of sending
         self.poll_interval = poll_interval
-        self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may be sent to again
-        self.paused_until = 0.0
+        self.lease = lease
+        self.host = socket.gethostname()
+        self.worker = f"{self.host}|{os.getpid()}|{uuid.uuid4().hex[:8]}"
+        self.held: dict[int, Delivery] = {}  # claimed rows whose outcome is not known yet
+        self.outcomes: list[Outcome] = []  # known outcomes not yet written
         self.wakeup = asyncio.Event()
+        self.room = asyncio.Event()
+        self.flush_now = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.flusher: asyncio.Task[None] | None = None
+        self.waiting: set[asyncio.Task[None]] = set()  # deliveries not yet handed to Telegram
         self.in_flight: set[asyncio.Task[None]] = set()
         self.sent_count = 0
+        self.too_many_requests = 0
+        self.stopping = False
+
+    # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        outbox.add_listener(self.wake)
         self.task = asyncio.create_task(self._run(), name="outbox-dispatcher")
+        self.flusher = asyncio.create_task(self._flush_loop(), name="outbox-flusher")
 
     async def stop(self) -> None:
-        """Stop taking new rows and let the messages already in flight finish."""
+        """Stop taking rows, let the messages already handed to Telegram finish, put the others back."""
+        outbox.remove_listener(self.wake)
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
+        waiting = list(self.waiting)
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.wait(waiting, timeout=5)
         if self.in_flight:
             await asyncio.wait(self.in_flight, timeout=10)
+        if self.flusher is not None:
+            self.flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flusher
+        self.outcomes.extend(Outcome(row.id, DeliveryState.QUEUED, refund=True) for row in self.held.values())
+        self.held.clear()
+        for _ in range(3):
+            try:
+                await self._flush()
+                break
+            except Exception:  # a lease that runs out does the same, a little later
+                log.warning("could not record the last outcomes at shutdown; retrying")
+                await asyncio.sleep(0.2)
 
     def wake(self) -> None:
         """Look at the outbox now (called after something was queued)."""
         self.wakeup.set()
 
+    # --- claiming -------------------------------------------------------------------------------
+
     async def _run(self) -> None:
-        while True:
+        try:
+            await self._recover()
+        except Exception:
+            log.exception("could not look for rows of dead processes; their lease will run out")
+        while not self.stopping:
+            if len(self.held) >= self.max_in_flight:
+                self.room.clear()
+                await self.room.wait()
+                continue
             try:
                 claimed = await self.dispatch_once()
             except Exception:  # the database may be restarting: keep going, nothing is lost
                 log.exception("outbox dispatch failed; retrying")
-                claimed = 0
+                await asyncio.sleep(1)
+                continue
             if claimed == 0:
                 self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), self.poll_interval)
-                except TimeoutError:
-                    pass
+                await _wait(self.wakeup, self.poll_interval)
 
-    async def dispatch_once(self, limit: int = 64) -> int:
+    async def dispatch_once(self) -> int:
         """Claim the most urgent due rows and start sending them; the number claimed."""
-        pause = self.paused_until - time.monotonic()
-        if pause > 0:
-            await asyncio.sleep(pause)
+        room = self.max_in_flight - len(self.held)
+        if room <= 0:
+            return 0
+        now = time.monotonic()
+        busy = [c for c, ready in self.budget.chat_ready.items() if ready - now > MAX_CHAT_WAIT][:500]
         async with self.db.session() as session:
-            rows = await claim_due(session, self.clock(), limit, LEASE)
+            rows = await claim_due(session, self.clock(), room, self.lease, worker=self.worker, skip_chats=busy)
             languages = await self._languages(session, rows)
         for row in rows:
-            await self.slots.acquire()
+            self.held[row.id] = row
             task = asyncio.create_task(self._deliver(row, languages.get(row.chat_id, self.default_language)))
-            self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
+            self.waiting.add(task)
+            task.add_done_callback(self.waiting.discard)
         return len(rows)
 
     async def _languages(self, session: Any, rows: list[Delivery]) -> dict[int, str]:
-        chat_ids = {row.chat_id for row in rows if row.chat_id > 0}
-        users = await session.execute(
-            select(User.telegram_id, User.language, User.telegram_language).where(User.telegram_id.in_(chat_ids))
-        )
-        found = {uid: language_for(chosen, tg, self.default_language) for uid, chosen, tg in users}
+        chat_ids = {row.chat_id for row in rows if row.chat_id > 0 and not row.language}
+        found: dict[int, str] = {}
+        if chat_ids:
+            users = await session.execute(
+                select(User.telegram_id, User.language, User.telegram_language).where(User.telegram_id.in_(chat_ids))
+            )
+            found = {uid: language_for(chosen, tg, self.default_language) for uid, chosen, tg in users}
         return {row.chat_id: row.language or found.get(row.chat_id, self.default_language) for row in rows}
 
-    async def _wait_for_chat(self, chat_id: int) -> None:
-        interval = PRIVATE_CHAT_INTERVAL if chat_id > 0 else GROUP_CHAT_INTERVAL
-        now = time.monotonic()
-        ready = self.chat_ready.get(chat_id, 0.0)
-        self.chat_ready[chat_id] = max(now, ready) + interval
-        if ready > now:
-            await asyncio.sleep(ready - now)
+    async def _recover(self) -> None:
+        """At start: take back at once the rows of dead processes of this host, then stale leases."""
+        now = self.clock()
+        async with self.db.session() as session:
+            for worker in await outbox.claimants(session):
+                if self._dead(worker):
+                    count = await outbox.recover_worker(session, worker, now)
+                    log.info("took back %d messages left in flight by a stopped process", count)
+            await outbox.recover_stale(session, now, self.worker)
+
+    def _dead(self, worker: str) -> bool:
+        """True when ``worker`` was a process of this host that no longer runs."""
+        host, _, rest = worker.partition("|")
+        pid_text, _, _token = rest.partition("|")
+        if host != self.host or worker == self.worker or not pid_text.isdigit():
+            return False
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return True  # this pid is ours now, so its former owner is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        try:  # killed but not yet reaped by its parent
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    # --- sending --------------------------------------------------------------------------------
 
     async def _deliver(self, row: Delivery, lang: str) -> None:
+        task = asyncio.current_task()
         try:
-            await self._wait_for_chat(row.chat_id)
-            await self.bucket.take()
-            state, details = await self._send(row, lang)
-        finally:
-            self.slots.release()
-        async with self.db.session() as session:
-            await mark(session, row.id, state, **details)
-            if state == DeliveryState.UNREACHABLE and row.chat_id > 0:
-                await session.execute(update(User).where(User.telegram_id == row.chat_id).values(unreachable=True))
+            wait = self._reserve_chat(row.chat_id)
+            if wait is None:  # the chat must wait long: back to the queue, the slot goes to others
+                ready = self.budget.chat_ready.get(row.chat_id, 0.0) - time.monotonic()
+                retry = self.clock() + dt.timedelta(seconds=max(ready, 0.0))
+                self._finish(row, Outcome(row.id, DeliveryState.QUEUED, retry_at=retry, refund=True))
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.budget.take(row.priority)
+        except asyncio.CancelledError:
+            self._finish(row, Outcome(row.id, DeliveryState.QUEUED, refund=True))
+            raise
+        if task is not None:
+            self.waiting.discard(task)
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+        try:
+            outcome = await self._send(row, lang)
+        except Exception as exc:  # a bug in rendering, say: keep the row, try again later
+            log.exception("delivery %s could not be sent", row.id)
+            outcome = self._retry(row, f"{type(exc).__name__}: {exc}")
+        self._finish(row, outcome)
 
-    async def _send(self, row: Delivery, lang: str) -> tuple[DeliveryState, dict[str, Any]]:
-        """Send one row; the state to record and its details."""
-        params = {k: localise(lang, v) for k, v in (row.params or {}).items()}
-        text = fit(t(lang, row.text_key, **params))
-        markup = keyboard(lang, [[(_label(lang, b[0]), b[1]) for b in r] for r in row.buttons or []])
-        extra: dict[str, Any] = {"allow_paid_broadcast": True} if self.paid_broadcast else {}
+    def _reserve_chat(self, chat_id: int) -> float | None:
+        """Seconds to wait before sending to ``chat_id`` (the slot is booked), or None if too long."""
+        now = time.monotonic()
+        ready = self.budget.chat_ready.get(chat_id, 0.0)
+        if ready - now > MAX_CHAT_WAIT:
+            return None
+        start = max(now, ready)
+        self.budget.chat_ready[chat_id] = start + (PRIVATE_CHAT_INTERVAL if chat_id > 0 else GROUP_CHAT_INTERVAL)
+        return start - now
+
+    def _finish(self, row: Delivery, outcome: Outcome) -> None:
+        self.held.pop(row.id, None)
+        self.outcomes.append(outcome)
+        if outcome.state == DeliveryState.SENT:
+            self.sent_count += 1
+        if len(self.outcomes) >= FLUSH_BATCH:
+            self.flush_now.set()
+        if len(self.held) <= self.max_in_flight // 2:
+            self.room.set()
+
+    async def _send(self, row: Delivery, lang: str) -> Outcome:
+        """Send one row; what became of it."""
+        text, markup = render(row, lang)
+        extra: dict[str, Any] = {}
+        if self.paid_broadcast and row.kind == "broadcast":
+            extra["allow_paid_broadcast"] = True  # only emergencies pay for the higher rate
+        if getattr(self.bot, "rate_limiter", None) is not None:
+            extra["rate_limit_args"] = {"outbox": True}  # the budget was taken above
         try:
             if row.document is not None:
                 message = await self.bot.send_document(
@@ -185,23 +433,90 @@ class Dispatcher:
                     disable_web_page_preview=True, **extra,
                 )
         except RetryAfter as exc:
-            wait = _seconds(exc.retry_after)
-            self.paused_until = max(self.paused_until, time.monotonic() + wait)
-            log.warning("Telegram asked to slow down for %.0f s", wait)
-            return DeliveryState.QUEUED, {"error": "429", "retry_at": self.clock() + dt.timedelta(seconds=wait)}
+            wait = _retry_after(exc)
+            self.too_many_requests += 1
+            self.budget.pause(wait)
+            self.budget.chat_ready[row.chat_id] = max(self.budget.chat_ready.get(row.chat_id, 0.0), time.monotonic() + wait)
+            log.warning("Telegram asked to slow down for %.0f s; pushes wait, answers do not", wait)
+            return Outcome(row.id, DeliveryState.QUEUED, "429", retry_at=self.clock() + dt.timedelta(seconds=wait), refund=True)
         except Forbidden as exc:
             log.info("chat %s is unreachable (%s)", row.chat_id, exc.message)
-            return DeliveryState.UNREACHABLE, {"error": exc.message}
+            return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
         except BadRequest as exc:
+            if "chat not found" in exc.message.lower():
+                return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
             log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
-            return DeliveryState.FAILED, {"error": exc.message}
+            return Outcome(row.id, DeliveryState.FAILED, exc.message)
         except (NetworkError, TelegramError) as exc:
-            if row.attempts >= MAX_ATTEMPTS:
-                return DeliveryState.FAILED, {"error": str(exc)}
-            backoff = dt.timedelta(seconds=min(2**row.attempts, 300))
-            return DeliveryState.QUEUED, {"error": str(exc), "retry_at": self.clock() + backoff}
-        self.sent_count += 1
-        return DeliveryState.SENT, {"message_id": message.message_id}
+            return self._retry(row, str(exc))
+        return Outcome(row.id, DeliveryState.SENT, message_id=message.message_id, at=self.clock())
+
+    def _retry(self, row: Delivery, error: str) -> Outcome:
+        """Try again later with exponential backoff, or give up after ``MAX_ATTEMPTS``."""
+        if row.attempts >= MAX_ATTEMPTS:
+            log.warning("delivery %s failed after %d attempts: %s", row.id, row.attempts, error)
+            return Outcome(row.id, DeliveryState.FAILED, error)
+        backoff = min(2 ** max(row.attempts - 1, 0), 300) * random.uniform(0.8, 1.2)
+        return Outcome(row.id, DeliveryState.QUEUED, error, retry_at=self.clock() + dt.timedelta(seconds=backoff))
+
+    # --- recording ------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        next_heartbeat = time.monotonic() + HEARTBEAT
+        while True:
+            await _wait(self.flush_now, FLUSH_INTERVAL)
+            self.flush_now.clear()
+            try:
+                await self._flush()
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + HEARTBEAT
+                    await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not record delivery outcomes; retrying")
+                await asyncio.sleep(0.5)
+
+    async def _flush(self) -> None:
+        """Write the known outcomes in one transaction (kept for the next try if it fails)."""
+        if not self.outcomes:
+            return
+        batch, self.outcomes = self.outcomes, []
+        try:
+            async with self.db.session() as session:
+                await mark_many(session, batch)
+                gone = [o.delivery_id for o in batch if o.state == DeliveryState.UNREACHABLE]
+                if gone:
+                    chats = select(Delivery.chat_id).where(Delivery.id.in_(gone) & (Delivery.chat_id > 0))
+                    await session.execute(update(User).where(User.telegram_id.in_(chats)).values(unreachable=True))
+        except BaseException:
+            self.outcomes[:0] = batch
+            raise
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases this process holds; put back rows of processes whose lease ran out."""
+        now = self.clock()
+        async with self.db.session() as session:
+            await outbox.extend_leases(session, self.worker, now + self.lease)
+            recovered = await outbox.recover_stale(session, now, self.worker)
+        if recovered:
+            log.info("took back %d messages whose sender stopped answering", recovered)
+        self.budget.prune()
+
+
+def render(row: Delivery, lang: str) -> tuple[str, Any]:
+    """The text and keyboard of a row in ``lang``."""
+    params = {k: _param(lang, v) for k, v in (row.params or {}).items()}
+    text = fit(t(lang, row.text_key, **params))
+    markup = keyboard(lang, [[(_label(lang, b[0]), b[1]) for b in r] for r in row.buttons or []])
+    return text, markup
+
+
+def _param(lang: str, value: Any) -> Any:
+    """A stored parameter in ``lang``: ``{"t": key}`` is a catalogue message, a bilingual dict its half."""
+    if isinstance(value, dict) and set(value) == {"t"}:
+        return t(lang, str(value["t"]))
+    return localise(lang, value)
 
 
 def _label(lang: str, label: Any) -> str:
@@ -213,3 +528,16 @@ def _label(lang: str, label: Any) -> str:
 
 def _seconds(value: int | dt.timedelta) -> float:
     return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+
+
+def _retry_after(exc: RetryAfter) -> float:
+    # PTB 22 warns when ``retry_after`` is read as an int; the timedelta is kept privately.
+    value = getattr(exc, "_retry_after", None)
+    return _seconds(value) if isinstance(value, (int, float, dt.timedelta)) else 1.0
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds`` (``asyncio.wait_for`` may swallow a cancel in 3.11)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

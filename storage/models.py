@@ -10,6 +10,7 @@ from alembic.config import Config
 import storage.catalog
 import storage.circulation
 import storage.ill
+import storage.incidents
 import storage.outbox
 import storage.people
 import storage.state
@@ -18,7 +19,7 @@ from storage.db import Base, Database
 
 __all__ = ["Base", "create_schema", "alembic_config"]
 
-MODULES = [storage.catalog, storage.circulation, storage.ill, storage.outbox, storage.people, storage.state, storage.tickets]
+MODULES = [storage.catalog, storage.circulation, storage.ill, storage.incidents, storage.outbox, storage.people, storage.state, storage.tickets]
 
 
 def alembic_config(url: str) -> Config:

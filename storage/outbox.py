@@ -4,19 +4,30 @@ caused it, then delivered by ``bot.dispatcher``.
 
 A row carries a message key of the translation catalogue and its parameters, not rendered text:
 the dispatcher renders it in the recipient's language at send time. A parameter whose value is a
-``{"zh": …, "en": …}`` dict is taken in the recipient's language.
+``{"zh": …, "en": …}`` dict is taken in the recipient's language; a parameter ``{"t": "area.key"}``
+is that catalogue message in the recipient's language (so storage can name a label without
+holding its text).
+
+Life of a row: ``queued → sending → sent | failed | unreachable``. ``claim_due`` leases due rows to
+one dispatcher (``claimed_by``, ``claimed_until``); the dispatcher renews the lease of the rows it
+holds while it is alive. A row whose lease ran out (its process died mid-send) is put back in the
+queue by ``recover_stale``; a process that finds the rows of a dead process on its own host at start
+takes them back at once (``recover_worker``). Only rows whose request had reached Telegram when the
+process died can be sent twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Index, LargeBinary, String, func, select, update
+from sqlalchemy import Index, LargeBinary, String, bindparam, delete, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from storage.db import Base, utcnow
 
@@ -37,6 +48,8 @@ class DeliveryState(enum.StrEnum):
     FAILED = "failed"
     UNREACHABLE = "unreachable"
 
+
+FINAL_STATES = (DeliveryState.SENT, DeliveryState.FAILED, DeliveryState.UNREACHABLE)
 
 # Buttons: rows of [label key or {"zh","en"} dict, callback data]; a label key is rendered like text.
 Buttons = list[list[list[Any]]]
@@ -67,9 +80,43 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(String(512))
     not_before: Mapped[dt.datetime] = mapped_column(default=utcnow)
     claimed_until: Mapped[dt.datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(96))  # the dispatcher holding the lease
     telegram_message_id: Mapped[int | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[dt.datetime | None]
+
+
+# --- waking the dispatcher -------------------------------------------------------------------------
+
+_listeners: set[Callable[[], None]] = set()
+
+
+def add_listener(callback: Callable[[], None]) -> None:
+    """Call ``callback`` after every commit that queued a message (the dispatcher wakes up)."""
+    _listeners.add(callback)
+
+
+def remove_listener(callback: Callable[[], None]) -> None:
+    _listeners.discard(callback)
+
+
+def _queued(session: AsyncSession) -> None:
+    session.sync_session.info["outbox_queued"] = True
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop("outbox_queued", False):
+        for callback in list(_listeners):
+            callback()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop("outbox_queued", None)
+
+
+# --- queueing --------------------------------------------------------------------------------------
 
 
 async def enqueue(
@@ -108,10 +155,13 @@ async def enqueue(
         language=language,
         not_before=not_before or utcnow(),
     )
+    _queued(session)
     if dedupe_key is None:
         session.add(delivery)
         await session.flush()
         return delivery
+    if await session.scalar(select(Delivery.id).where(Delivery.dedupe_key == dedupe_key)) is not None:
+        return None  # the common case of a rerun, without a savepoint
     try:
         async with session.begin_nested():
             session.add(delivery)
@@ -120,27 +170,165 @@ async def enqueue(
         return None
 
 
-async def claim_due(session: AsyncSession, now: dt.datetime, limit: int, lease: dt.timedelta) -> list[Delivery]:
-    """Take up to ``limit`` due messages, most urgent first, leasing them to this process.
+async def enqueue_many(
+    session: AsyncSession,
+    chat_ids: Sequence[int],
+    text_key: str,
+    params: dict[str, Any] | Callable[[int], dict[str, Any]],
+    *,
+    kind: str,
+    priority: Priority,
+    buttons: Buttons | None | Callable[[int], Buttons | None] = None,
+    broadcast_id: int | None = None,
+    dedupe_prefix: str | None = None,
+    not_before: dt.datetime | None = None,
+) -> int:
+    """Queue the same message to many chats in one multi-row INSERT; the number of rows.
 
-    On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets several bot processes share the outbox without
-    sending a row twice; SQLite serialises writers, so the same query is safe there too. A row whose
-    lease ran out (its process died mid-send) is due again.
+    ``params`` and ``buttons`` may be functions of the chat id. With ``dedupe_prefix`` each row's
+    dedupe key is ``f"{dedupe_prefix}{chat_id}"``; the caller makes sure none exists yet (the whole
+    insert fails otherwise, which is the right outcome for a broadcast confirmed twice).
     """
-    due = (
-        (Delivery.state == DeliveryState.QUEUED) & (Delivery.not_before <= now)
-        | (Delivery.state == DeliveryState.SENDING) & (Delivery.claimed_until < now)
+    if not chat_ids:
+        return 0
+    now = not_before or utcnow()
+    rows = [
+        {
+            "chat_id": chat_id,
+            "kind": kind,
+            "priority": int(priority),
+            "text_key": text_key,
+            "params": params(chat_id) if callable(params) else params,
+            "buttons": buttons(chat_id) if callable(buttons) else buttons,
+            "dedupe_key": f"{dedupe_prefix}{chat_id}" if dedupe_prefix is not None else None,
+            "broadcast_id": broadcast_id,
+            "state": DeliveryState.QUEUED.value,
+            "attempts": 0,
+            "not_before": now,
+            "created_at": now,
+        }
+        for chat_id in chat_ids
+    ]
+    await session.execute(insert(Delivery), rows)
+    _queued(session)
+    return len(rows)
+
+
+# --- the dispatcher's side -------------------------------------------------------------------------
+
+
+async def claim_due(
+    session: AsyncSession,
+    now: dt.datetime,
+    limit: int,
+    lease: dt.timedelta,
+    *,
+    worker: str | None = None,
+    skip_chats: Iterable[int] = (),
+) -> list[Delivery]:
+    """Take up to ``limit`` due messages, most urgent first, leasing them to ``worker``.
+
+    On PostgreSQL one ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)`` lets several bot
+    processes share the outbox without sending a row twice. On SQLite the ids are read first (no
+    write lock while the outbox is idle) and the update takes only rows still queued, so a row taken
+    meanwhile by another process is simply not returned. ``skip_chats`` leaves out chats that cannot
+    be sent to right now (their per-chat pace), so they do not block the others.
+    """
+    if limit <= 0:
+        return []
+    due = (Delivery.state == DeliveryState.QUEUED) & (Delivery.not_before <= now)
+    skip = list(skip_chats)
+    if skip:
+        due = due & Delivery.chat_id.not_in(skip)
+    pick = select(Delivery.id).where(due).order_by(Delivery.priority, Delivery.id).limit(limit)
+    values = {
+        "state": DeliveryState.SENDING,
+        "claimed_until": now + lease,
+        "claimed_by": worker,
+        "attempts": Delivery.attempts + 1,
+    }
+    if _dialect(session) == "postgresql":
+        target = Delivery.id.in_(pick.with_for_update(skip_locked=True).scalar_subquery())
+    else:
+        ids = list(await session.scalars(pick))
+        if not ids:
+            return []
+        target = Delivery.id.in_(ids) & (Delivery.state == DeliveryState.QUEUED)
+    statement = (
+        update(Delivery)
+        .where(target)
+        .values(**values)
+        .returning(Delivery)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    query = select(Delivery).where(due).order_by(Delivery.priority, Delivery.id).limit(limit)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    rows = list(await session.scalars(query))
-    for row in rows:
-        row.state = DeliveryState.SENDING
-        row.claimed_until = now + lease
-        row.attempts += 1
-    await session.flush()
+    rows = list(await session.scalars(statement))
+    rows.sort(key=lambda r: (r.priority, r.id))
     return rows
+
+
+async def extend_leases(session: AsyncSession, worker: str, until: dt.datetime) -> None:
+    """Renew the lease of every row ``worker`` holds (it is alive)."""
+    await session.execute(
+        update(Delivery)
+        .where((Delivery.state == DeliveryState.SENDING) & (Delivery.claimed_by == worker))
+        .values(claimed_until=until)
+    )
+
+
+async def recover_stale(session: AsyncSession, now: dt.datetime, worker: str | None = None) -> int:
+    """Put back in the queue the rows whose lease ran out (not ``worker``'s own); how many."""
+    stale = (Delivery.state == DeliveryState.SENDING) & (Delivery.claimed_until < now)
+    if worker is not None:
+        stale = stale & ((Delivery.claimed_by.is_(None)) | (Delivery.claimed_by != worker))
+    result = await session.execute(
+        update(Delivery)
+        .where(stale)
+        .values(state=DeliveryState.QUEUED, claimed_by=None, claimed_until=None, not_before=now)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        _queued(session)
+    return count
+
+
+async def claimants(session: AsyncSession) -> list[str]:
+    """The dispatchers that hold rows being sent."""
+    rows = await session.scalars(
+        select(Delivery.claimed_by)
+        .where((Delivery.state == DeliveryState.SENDING) & Delivery.claimed_by.is_not(None))
+        .distinct()
+    )
+    return [r for r in rows if r]
+
+
+async def recover_worker(session: AsyncSession, worker: str, now: dt.datetime) -> int:
+    """Put back in the queue every row held by ``worker``, a dispatcher known to be dead."""
+    result = await session.execute(
+        update(Delivery)
+        .where((Delivery.state == DeliveryState.SENDING) & (Delivery.claimed_by == worker))
+        .values(state=DeliveryState.QUEUED, claimed_by=None, claimed_until=None, not_before=now)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        _queued(session)
+    return count
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one claimed row.
+
+    ``retry_at`` puts it back in the queue; ``refund`` does not count the attempt (the row was
+    never tried, e.g. put back because its chat must wait, or Telegram asked everyone to slow down).
+    """
+
+    delivery_id: int
+    state: DeliveryState
+    error: str | None = None
+    message_id: int | None = None
+    retry_at: dt.datetime | None = None
+    at: dt.datetime | None = None
+    refund: bool = False
 
 
 async def mark(
@@ -153,17 +341,44 @@ async def mark(
     retry_at: dt.datetime | None = None,
 ) -> None:
     """Record the outcome of one send attempt (``retry_at`` puts it back in the queue)."""
-    values: dict[str, Any] = {"state": state, "claimed_until": None}
-    if error is not None:
-        values["last_error"] = error[:512]
-    if message_id is not None:
-        values["telegram_message_id"] = message_id
-    if state == DeliveryState.SENT:
-        values["sent_at"] = utcnow()
-    if retry_at is not None:
-        values["state"] = DeliveryState.QUEUED
-        values["not_before"] = retry_at
-    await session.execute(update(Delivery).where(Delivery.id == delivery_id).values(**values))
+    await mark_many(session, [Outcome(delivery_id, state, error, message_id, retry_at)])
+
+
+async def mark_many(session: AsyncSession, outcomes: Sequence[Outcome]) -> None:
+    """Record many outcomes at once: the sent ones in one batched UPDATE, the rest one by one."""
+    sent = [o for o in outcomes if o.state == DeliveryState.SENT and o.retry_at is None]
+    if sent:
+        table = Delivery.__table__
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(
+                state=DeliveryState.SENT.value,
+                claimed_until=None,
+                claimed_by=None,
+                telegram_message_id=bindparam("b_message_id"),
+                sent_at=bindparam("b_at"),
+            )
+        )
+        await session.execute(
+            statement,
+            [{"b_id": o.delivery_id, "b_message_id": o.message_id, "b_at": o.at or utcnow()} for o in sent],
+        )
+    for outcome in outcomes:
+        if outcome.state == DeliveryState.SENT and outcome.retry_at is None:
+            continue
+        values: dict[str, Any] = {"state": outcome.state, "claimed_until": None, "claimed_by": None}
+        if outcome.error is not None:
+            values["last_error"] = outcome.error[:512]
+        if outcome.message_id is not None:
+            values["telegram_message_id"] = outcome.message_id
+        if outcome.retry_at is not None:
+            values["state"] = DeliveryState.QUEUED
+            values["not_before"] = outcome.retry_at
+            _queued(session)
+        if outcome.refund:
+            values["attempts"] = func.max(Delivery.attempts - 1, 0) if _dialect(session) == "sqlite" else func.greatest(Delivery.attempts - 1, 0)
+        await session.execute(update(Delivery).where(Delivery.id == outcome.delivery_id).values(**values))
 
 
 async def backlog(session: AsyncSession) -> int:
@@ -176,6 +391,9 @@ async def backlog(session: AsyncSession) -> int:
 
 async def forget_person(session: AsyncSession, telegram_id: int) -> None:
     """Erase every message addressed to this person (they may quote their own words)."""
-    from sqlalchemy import delete
-
     await session.execute(delete(Delivery).where(Delivery.chat_id == telegram_id))
+
+
+def _dialect(session: AsyncSession) -> str:
+    bind = session.bind
+    return bind.dialect.name if bind is not None else ""
