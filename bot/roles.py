@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from telegram import Update
@@ -17,7 +17,7 @@ from storage.people import Role
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Awaitable[R]]
+Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, R]]
 
 
 def requires(role: Role) -> Callable[[Handler[Any]], Handler[Any]]:
