@@ -32,6 +32,7 @@ class DemoCard:
     name: str
     telegram_id: int | None = None  # the demo persona already linked to it
     note: str = ""
+    note_zh: str = ""
 
 
 @dataclass
@@ -66,7 +67,7 @@ async def seed(db: Database, policy: Policy) -> DemoSeed:
 
         async with db.session() as session:
             cards = await seed_demo_circulation(session, policy, now)
-        result.cards = [DemoCard(c.card_number, c.pin, c.name, getattr(c, "telegram_id", None), getattr(c, "note", "")) for c in cards]
+        result.cards = [DemoCard(c.card_number, c.pin, c.name, c.telegram_id, c.note, c.note_zh) for c in cards]
     except ImportError:
         log.warning("circulation not available in this build")
     # Every other module that has demo data (requests, tickets, incidents) adds it the same way.
@@ -87,7 +88,7 @@ def personas(cards: list[DemoCard]) -> list[dict[str, object]]:
         people.append({
             "user_id": card.telegram_id, "first_name": card.name.split()[0], "language_code": "zh",
             "label_zh": f"读者 {card.name}（{card.card_number}）", "label_en": f"Reader {card.name} ({card.card_number})",
-            "description_zh": card.note or "已绑定读者证的示例读者", "description_en": card.note or "a sample reader with a linked card",
+            "description_zh": card.note_zh or "已绑定读者证的示例读者", "description_en": card.note or "a sample reader with a linked card",
         })
     people += [
         {"user_id": STAFF_ID, "first_name": "Li Na", "language_code": "zh", "label_zh": "馆员 李娜", "label_en": "Staff: Li Na",
@@ -114,7 +115,7 @@ async def run_demo(host: str, port: int, data_dir: Path) -> None:
     if not marker.exists():
         print("preparing the demo library (first run only)…", flush=True)
         made = await seed(db, policy)
-        marker.write_text("\n".join(f"{c.card_number}\t{c.pin}\t{c.name}\t{c.telegram_id or ''}\t{c.note}" for c in made.cards), encoding="utf-8")
+        marker.write_text("\n".join(f"{c.card_number}\t{c.pin}\t{c.name}\t{c.telegram_id or ''}\t{c.note}\t{c.note_zh}" for c in made.cards), encoding="utf-8")
     cards = [DemoCard(*_fields(line)) for line in marker.read_text(encoding="utf-8").splitlines() if line.strip()]
     env = await EmbeddedBot.start(db, policy=policy, host=host, port=port)
     env.emulator.personas = personas(cards)
@@ -129,6 +130,6 @@ async def run_demo(host: str, port: int, data_dir: Path) -> None:
         await env.stop()
 
 
-def _fields(line: str) -> tuple[str, str, str, int | None, str]:
-    parts = (line.split("\t") + ["", "", "", "", ""])[:5]
-    return parts[0], parts[1], parts[2], int(parts[3]) if parts[3] else None, parts[4]
+def _fields(line: str) -> tuple[str, str, str, int | None, str, str]:
+    parts = (line.split("\t") + [""] * 6)[:6]
+    return parts[0], parts[1], parts[2], int(parts[3]) if parts[3] else None, parts[4], parts[5]

@@ -474,18 +474,23 @@ class DemoCard:
     name: str
     telegram_id: int | None
     note: str
+    note_zh: str = ""
 
 
 DEMO_READERS = (
-    # card, PIN, name, category, telegram id, note
+    # card, PIN, name, category, telegram id, note, note in Chinese
     ("D0001", "1234", "Wang Xiaoming 王小明", "adult", 8001,
-     "loans due in 1 and 3 days, one overdue, one renewed to its limit, one on hold for D0002, one not renewable; a hold ready to collect"),
+     "loans due in 1 and 3 days, one overdue, one renewed to its limit, one on hold for D0002, one not renewable; a hold ready to collect",
+     "借阅 1 天和 3 天后到期、一册逾期、一册已续借到上限、一册被 D0002 预约、一册不可续借；一项预约待取"),
     ("D0002", "2345", "Emma Clark", "student", 8002,
-     "waits for a book D0001 has; one loan overdue 1 day; one due in a week"),
+     "waits for a book D0001 has; one loan overdue 1 day; one due in a week",
+     "正在等待 D0001 借走的一本书；一册逾期 1 天；一册一周后到期"),
     ("D0003", "3456", "Zhang Wei 张伟", "adult", 8003,
-     "overdue 14 and 35 days, fines above the limit"),
+     "overdue 14 and 35 days, fines above the limit",
+     "逾期 14 天和 35 天，罚款超过上限"),
     ("D0004", "4567", "Chen Jing 陈静", "adult", None,
-     "card expired (renewals refused); not linked, try /login D0004 4567"),
+     "card expired (renewals refused); not linked, try /login D0004 4567",
+     "读者证已过期（不能续借）；未绑定，可试 /login D0004 4567"),
 )
 
 
@@ -541,12 +546,12 @@ async def seed_demo_circulation(
     after the catalog is seeded): due in 3 and 1 days, overdue 1, 7, 14 and 35 days, renewed to
     the limit, on hold for another reader, not renewable, a hold waiting on the shelf and about to
     expire, fines above the limit and an expired card. Idempotent: a second call changes nothing."""
-    cards = [DemoCard(c, p, n, t, note) for c, p, n, _cat, t, note in DEMO_READERS]
+    cards = [DemoCard(c, p, n, t, note, zh) for c, p, n, _cat, t, note, zh in DEMO_READERS]
     if await session.scalar(select(Reader.id).where(Reader.card_number == DEMO_READERS[0][0])) is not None:
         return cards
     today = circ.local_date(now, tz)
     readers: dict[str, Reader] = {}
-    for card, pin, name, category, telegram_id, _note in DEMO_READERS:
+    for card, pin, name, category, telegram_id, _note, _zh in DEMO_READERS:
         expires = today - dt.timedelta(days=3) if card == "D0004" else today + dt.timedelta(days=365)
         reader = Reader(card_number=card, name=name, pin_hash=hash_pin(pin), category=category, expires_on=expires)
         session.add(reader)
