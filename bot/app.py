@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from telegram import Update
@@ -18,8 +17,9 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, ill, loans, stats, tickets
+from handlers import account, broadcast, ill, incidents, loans, stats, tickets
 from storage.db import Database
+from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
 from storage.policy import Policy
 
@@ -30,15 +30,6 @@ def file_url(api_url: str) -> str:
     """The file download URL that goes with a Bot API URL (``…/bot`` → ``…/file/bot``)."""
     base = api_url.rstrip("/")
     return base[: -len("/bot")] + "/file/bot" if base.endswith("/bot") else base + "/file/bot"
-
-
-def make_circulation(settings: Settings, db: Database, policy: Policy) -> Any:
-    """The circulation service: the local store, or the library's own system over SIP2."""
-    try:
-        from storage.ils import make_circulation_service
-    except ImportError:  # circulation not installed in this build
-        return None
-    return make_circulation_service(settings.ils, db, policy, settings.tz, settings)
 
 
 def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
@@ -63,6 +54,10 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     ill.register(app)  # /ill request conversation, the staff's partner question, /requests, /illqueue, ILL buttons
 
     stats.register(app)  # /stats (staff): figures, weekly chart, CSV
+
+    incidents.register(app)  # /report conversation, "I'm handling it", /incidents reports and CSV, the escalation job
+
+    broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
 
     account.register_last(app)  # /cancel outside a conversation, unknown commands, stale buttons
 
@@ -137,8 +132,10 @@ def build_application(settings: Settings, db: Database, policy: Policy, token: s
         .build()
     )
     app.bot_data["send_budget"] = budget
-    app.bot_data["services"] = Services(
-        settings=settings, db=db, policy=policy, circulation=make_circulation(settings, db, policy)
-    )
+    svc = Services(settings=settings, db=db, policy=policy)
+    # The circulation service: the local store, or the library's own system over SIP2; it reads
+    # the bot's clock, which tests move forward.
+    svc.circulation = make_circulation_service(settings.ils, db, policy, settings.tz, settings, clock=svc.now)
+    app.bot_data["services"] = svc
     register_handlers(app)
     return app

@@ -396,9 +396,6 @@ async def daily_notices(context: ContextTypes.DEFAULT_TYPE) -> None:
 def register(app: Application) -> None:  # type: ignore[type-arg]
     """/loans, /renew, /holds, /settings, the renew, hold and reminder buttons, the daily notice job."""
     svc = services(app)
-    circulation = svc.circulation
-    if circulation is not None and hasattr(circulation, "clock"):
-        circulation.clock = svc.now  # the bot's clock (tests move it), also for circulation
     app.add_handler(CommandHandler("loans", loans_command))
     app.add_handler(CommandHandler("renew", renew_command))
     app.add_handler(CommandHandler("holds", holds_command))
