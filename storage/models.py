@@ -13,13 +13,14 @@ import storage.ill
 import storage.incidents
 import storage.outbox
 import storage.people
+import storage.search
 import storage.state
 import storage.tickets
 from storage.db import Base, Database
 
 __all__ = ["Base", "create_schema", "alembic_config"]
 
-MODULES = [storage.catalog, storage.circulation, storage.ill, storage.incidents, storage.outbox, storage.people, storage.state, storage.tickets]
+MODULES = [storage.catalog, storage.circulation, storage.ill, storage.incidents, storage.outbox, storage.people, storage.search, storage.state, storage.tickets]
 
 
 def alembic_config(url: str) -> Config:
