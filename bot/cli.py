@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -175,11 +176,20 @@ def cmd_circ(args: argparse.Namespace) -> int:
 def cmd_notices(args: argparse.Namespace) -> int:
     async def work(db: Database, settings: Settings, policy: Policy) -> int:
         from bot.i18n import t
+        from storage.ils import make_circulation_service
         from storage.notices import run_notice_cycle
 
         day = _date(args.date) if args.date else utcnow().astimezone(settings.tz).date()
-        # The digests are composed from the catalogue here; storage never imports bot/, so it gets t.
-        report = await run_notice_cycle(db, policy, day, settings.tz, render=t, staff_chat_id=settings.staff_chat_id)
+        # With LIBRARYBOT_ILS=sip2 the loans come from the library's system: its service feeds the cycle.
+        circulation = None
+        if settings.ils == "sip2":
+            circulation = make_circulation_service(settings.ils, db, policy, settings.tz, settings)
+        try:
+            # The digests are composed from the catalogue here; storage never imports bot/, so it gets t.
+            report = await run_notice_cycle(db, policy, day, settings.tz, render=t, staff_chat_id=settings.staff_chat_id)
+        finally:
+            if circulation is not None:
+                await circulation.close()  # type: ignore[attr-defined]
         for line in report.lines():
             print(line)
         print("notices are queued; the running bot delivers them")
@@ -203,12 +213,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_sip2_check(_args: argparse.Namespace) -> int:
-    from storage.sip2.client import check_report
+    from storage.ils_sip2 import sip2_config
+    from storage.sip2.client import run_check
 
-    settings = _settings()
-    from storage.ils import sip2_config
-
-    print(asyncio.run(check_report(sip2_config(settings))))
+    settings = _settings()  # LIBRARYBOT_SIP2_* from the environment (and .env), as the bot reads them
+    try:
+        config = sip2_config(settings)
+    except ValueError as exc:
+        raise CliError(f"bad SIP2 configuration: {exc}") from None
+    quiet = logging.getLogger("storage.sip2")
+    level, quiet.level = quiet.level, logging.CRITICAL  # the screen tells it all, once
+    try:
+        check = asyncio.run(run_check(config))
+    finally:
+        quiet.setLevel(level)
+    print(check.report)
+    if not check.ok:
+        # The screen ends with the reason (the server's or ours); the exit status says it failed.
+        lines = [line.strip() for line in check.report.splitlines() if line.strip()]
+        reason = lines[-1] if check.status is None else "the server says it is offline"
+        raise CliError(f"SIP2 check failed: {reason}")
     return 0
 
 

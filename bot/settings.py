@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from zoneinfo import ZoneInfo
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOKEN_PATTERN = re.compile(r"^\d{3,20}:[A-Za-z0-9_-]{20,}$")
@@ -28,6 +28,23 @@ class Settings(BaseSettings):
     paid_broadcast: bool = Field(default=False, alias="LIBRARYBOT_PAID_BROADCAST")
     log_level: str = Field(default="INFO", alias="LIBRARYBOT_LOG_LEVEL")
     ils: str = Field(default="local", alias="LIBRARYBOT_ILS")
+    # The library's own system over SIP2 (LIBRARYBOT_ILS=sip2); see storage/ils_sip2.py and the README.
+    sip2_host: str = Field(default="", alias="LIBRARYBOT_SIP2_HOST", validate_default=True)
+    sip2_port: int = Field(default=6001, gt=0, lt=65536, alias="LIBRARYBOT_SIP2_PORT")
+    sip2_user: str = Field(default="", alias="LIBRARYBOT_SIP2_USER")
+    sip2_password: SecretStr | None = Field(default=None, alias="LIBRARYBOT_SIP2_PASSWORD")
+    sip2_institution: str = Field(default="", alias="LIBRARYBOT_SIP2_INSTITUTION")
+    sip2_location: str = Field(default="", alias="LIBRARYBOT_SIP2_LOCATION")
+    sip2_tls: bool = Field(default=False, alias="LIBRARYBOT_SIP2_TLS")
+    sip2_encoding: str = Field(default="utf-8", alias="LIBRARYBOT_SIP2_ENCODING")
+    sip2_error_detection: bool = Field(default=True, alias="LIBRARYBOT_SIP2_ERROR_DETECTION")
+    sip2_timeout: float = Field(default=5.0, gt=0, alias="LIBRARYBOT_SIP2_TIMEOUT")
+    sip2_pool_size: int = Field(default=4, ge=1, alias="LIBRARYBOT_SIP2_POOL_SIZE")
+    sip2_heartbeat_seconds: float = Field(default=60.0, ge=0, alias="LIBRARYBOT_SIP2_HEARTBEAT_SECONDS")
+    sip2_terminal_password: SecretStr | None = Field(default=None, alias="LIBRARYBOT_SIP2_TERMINAL_PASSWORD")
+    sip2_tls_verify: bool = Field(default=True, alias="LIBRARYBOT_SIP2_TLS_VERIFY")
+    sip2_tls_ca_file: str | None = Field(default=None, alias="LIBRARYBOT_SIP2_TLS_CA_FILE")
+    sip2_rate: float = Field(default=10.0, gt=0, alias="LIBRARYBOT_SIP2_RATE")  # requests/s of the notice cycle
 
     @field_validator("language")
     @classmethod
@@ -42,6 +59,34 @@ class Settings(BaseSettings):
     def _known_timezone(cls, value: str) -> str:
         ZoneInfo(value)  # raises for an unknown zone
         return value
+
+    @field_validator("ils")
+    @classmethod
+    def _known_ils(cls, value: str) -> str:
+        value = value.strip().lower() or "local"
+        if value not in ("local", "sip2"):
+            raise ValueError("LIBRARYBOT_ILS must be local or sip2")
+        return value
+
+    @field_validator("sip2_host")
+    @classmethod
+    def _sip2_host_when_sip2(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if info.data.get("ils") == "sip2" and not value:
+            raise ValueError("LIBRARYBOT_ILS=sip2 needs LIBRARYBOT_SIP2_HOST, the host name of the library's SIP2 server")
+        return value
+
+    @field_validator("sip2_encoding")
+    @classmethod
+    def _sip2_encoding(cls, value: str) -> str:
+        from storage.sip2.protocol import check_encoding
+
+        return check_encoding(value.strip() or "utf-8")
+
+    @field_validator("sip2_tls_ca_file", mode="before")
+    @classmethod
+    def _empty_ca_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("staff_chat_id", "policy_file", "webhook_url", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from telegram.ext import (
 from bot.commands import set_personal_menu
 from bot.context import services, who
 from bot.ui import answer, edit, escape, reply
+from storage.ils import CirculationUnavailable
 from storage.people import InviteOutcome, LoginOutcome, Role, login, logout, reader_of, redeem_invite
 from storage.privacy import forget_person
 
@@ -143,8 +144,13 @@ async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: s
     svc = services(context)
     me = await who(update, context)
     verify = None
-    if svc.circulation is not None and hasattr(svc.circulation, "verify_pin") and svc.settings.ils != "local":
-        verify = await svc.circulation.verify_pin(card, pin)
+    if svc.circulation is not None and svc.settings.ils != "local":
+        # The library's own system decides whether the PIN is right (SIP2: 63 → CQ); the lockout stays ours.
+        try:
+            verify = (await svc.circulation.check_card(card, pin)).valid
+        except CirculationUnavailable:
+            await reply(update, context, "common.ils_unavailable", lang=me.lang)
+            return
     async with svc.db.session() as session:
         result = await login(session, me.user_id, card, pin, svc.now(), verify=verify)
     if result.outcome is LoginOutcome.OK and result.reader is not None:
