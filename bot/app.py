@@ -112,6 +112,9 @@ async def _post_shutdown(app: Application) -> None:  # type: ignore[type-arg]
     dispatcher: Dispatcher | None = app.bot_data.get("dispatcher")
     if dispatcher is not None:
         await dispatcher.stop()
+    circulation = services(app).circulation
+    if hasattr(circulation, "close"):  # the SIP2 connection pool and its link watcher
+        await circulation.close()
     await services(app).db.dispose()
 
 

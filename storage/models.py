@@ -10,6 +10,7 @@ from alembic.config import Config
 import storage.catalog
 import storage.circulation
 import storage.ill
+import storage.ils_sip2
 import storage.incidents
 import storage.outbox
 import storage.people
@@ -20,7 +21,18 @@ from storage.db import Base, Database
 
 __all__ = ["Base", "create_schema", "alembic_config"]
 
-MODULES = [storage.catalog, storage.circulation, storage.ill, storage.incidents, storage.outbox, storage.people, storage.search, storage.state, storage.tickets]
+MODULES = [
+    storage.catalog,
+    storage.circulation,
+    storage.ill,
+    storage.ils_sip2,  # forget_person: card rows only a SIP2 login made
+    storage.incidents,
+    storage.outbox,
+    storage.people,
+    storage.search,
+    storage.state,
+    storage.tickets,
+]
 
 
 def alembic_config(url: str) -> Config:
