@@ -297,7 +297,7 @@ async def _say_hold(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who,
     if outcome.ok:
         await send(update, context, "loans.hold_placed", lang=me.lang, title=_esc(outcome.title), position=outcome.position)
         return
-    reason = t(me.lang, f"loans.hold_reason_{outcome.refused.value}") if outcome.refused else t(me.lang, "loans.reason_other")
+    reason = t(me.lang, f"loans.hold_reason_{outcome.refused.value}") if outcome.refused else t(me.lang, "loans.hold_reason_other")
     if outcome.message:
         reason += t(me.lang, "loans.ils_message", message=_esc(outcome.message))
     if outcome.title:
