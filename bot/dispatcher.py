@@ -62,6 +62,9 @@ FLUSH_BATCH = 200
 PRIVATE_CHAT_INTERVAL = 1.0
 GROUP_CHAT_INTERVAL = 3.0  # 20 per minute
 MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
+MIN_RATE = 1.0  # the rate never drops below this after 429s
+RECOVERY_AFTER = 10.0
+REPLY_RETRIES = 3  # seconds without a 429 before the rate goes back up
 SEND_ENDPOINTS = frozenset(
     "sendMessage sendPhoto sendDocument sendVideo sendAudio sendVoice sendAnimation sendSticker "
     "sendMediaGroup sendLocation sendVenue sendContact sendPoll sendDice sendVideoNote sendInvoice "
@@ -79,11 +82,13 @@ class SendBudget:
     """
 
     def __init__(self, rate: float, burst: float = 0.5) -> None:
-        self.rate = float(rate)
+        self.configured = self.rate = float(rate)
+        self.burst = burst
         self.capacity = max(1.0, self.rate * burst)
         self.tokens = 1.0
         self.stamp = time.monotonic()
         self.paused_until = 0.0
+        self.slowed_at = float("-inf")  # when Telegram last refused a message (429)
         self.granted = 0
         self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may get a push again
         self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -91,6 +96,10 @@ class SendBudget:
         self._timer: asyncio.TimerHandle | None = None
 
     def _refill(self, now: float) -> None:
+        if self.rate < self.configured and now - self.slowed_at > RECOVERY_AFTER:
+            # No 429 for a while: creep back up to the configured rate (about a minute from half).
+            self.rate = min(self.configured, self.rate + (now - self.stamp) * self.configured / 120)
+            self.capacity = max(1.0, self.rate * self.burst)
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
@@ -117,8 +126,17 @@ class SendBudget:
             raise
 
     def pause(self, seconds: float) -> None:
-        """Hold every push (not the answers) for ``seconds``: Telegram asked to slow down."""
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        """Telegram refused a message (429): hold every push (not the answers) for ``seconds``, then
+        go on without a burst and slower, since its limit is lower than the configured rate."""
+        now = time.monotonic()
+        self._refill(now)
+        self.paused_until = max(self.paused_until, now + seconds)
+        self.tokens = min(self.tokens, 0.0)
+        if now - self.slowed_at > seconds:  # one cut per refusal window, however many were in flight
+            self.rate = max(MIN_RATE, self.rate * 0.7)
+            self.capacity = max(1.0, self.rate * self.burst)
+            log.warning("sending rate lowered to %.1f messages/s", self.rate)
+        self.slowed_at = now
         self._serve()
 
     def note_chat(self, chat_id: Any) -> None:
@@ -188,15 +206,17 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
             return await callback(*args, **kwargs)  # edits, answers to buttons, or a push already paced
         await self.budget.take(REPLY_PRIORITY)
         self.budget.note_chat(data.get("chat_id"))
-        try:
-            return await callback(*args, **kwargs)
-        except RetryAfter as exc:
-            wait = _retry_after(exc)
-            if wait > 10:
-                raise
-            log.warning("an answer met a 429; retrying once after %.0f s", wait)
-            await asyncio.sleep(wait)
-            return await callback(*args, **kwargs)
+        for attempt in range(REPLY_RETRIES + 1):
+            try:
+                return await callback(*args, **kwargs)
+            except RetryAfter as exc:
+                wait = _retry_after(exc)
+                if wait > 10 or attempt == REPLY_RETRIES:
+                    raise
+                log.warning("an answer met a 429; retrying after %.0f s", wait)
+                self.budget.pause(wait + 0.25)  # pushes wait a little longer, so the answer goes first
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
 
 class Dispatcher:
@@ -504,10 +524,14 @@ class Dispatcher:
         self.budget.prune()
 
 
+def render_text(lang: str, text_key: str, params: dict[str, Any] | None) -> str:
+    """A stored message (key and parameters) in ``lang``, not yet cut to Telegram's limit."""
+    return t(lang, text_key, **{k: _param(lang, v) for k, v in (params or {}).items()})
+
+
 def render(row: Delivery, lang: str) -> tuple[str, Any]:
     """The text and keyboard of a row in ``lang``."""
-    params = {k: _param(lang, v) for k, v in (row.params or {}).items()}
-    text = fit(t(lang, row.text_key, **params))
+    text = fit(render_text(lang, row.text_key, row.params))
     markup = keyboard(lang, [[(_label(lang, b[0]), b[1]) for b in r] for r in row.buttons or []])
     return text, markup
 

@@ -93,7 +93,9 @@ class Broadcast(Base):
     __tablename__ = "broadcasts"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id", ondelete="CASCADE"), index=True)
+    incident_id: Mapped[int | None] = mapped_column(
+        ForeignKey("incidents.id", ondelete="CASCADE"), index=True
+    )
     purpose: Mapped[str] = mapped_column(String(16), default="alert")  # "alert" or "allclear"
     emergency_type: Mapped[str] = mapped_column(String(32))
     drill: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -158,7 +160,12 @@ def check_place(policy: Policy, code: str | None, text: str | None) -> tuple[str
 
 
 def template_text(
-    policy: Policy, emergency_type: str, place_code: str | None, place_text: str | None, now: dt.datetime, tz: ZoneInfo
+    policy: Policy,
+    emergency_type: str,
+    place_code: str | None,
+    place_text: str | None,
+    now: dt.datetime,
+    tz: ZoneInfo,
 ) -> tuple[str, str]:
     """The policy's bilingual template for ``emergency_type`` with the place and time filled in."""
     template = policy.templates.get(emergency_type) or policy.templates["other"]
@@ -213,8 +220,15 @@ async def report_incident(
         raise ValueError(f"unknown incident kind {kind!r}")
     place_code, place_text = check_place(policy, place_code, place_text)
     incident = Incident(
-        source="report", kind=kind, place_code=place_code, place_text=place_text, photo_file_id=photo_file_id,
-        reporter_id=reporter_id, reporter_name=reporter_name[:256], state=IncidentState.OPEN, created_at=now,
+        source="report",
+        kind=kind,
+        place_code=place_code,
+        place_text=place_text,
+        photo_file_id=photo_file_id,
+        reporter_id=reporter_id,
+        reporter_name=reporter_name[:256],
+        state=IncidentState.OPEN,
+        created_at=now,
     )
     session.add(incident)
     await session.flush()
@@ -222,13 +236,27 @@ async def report_incident(
     buttons = [[["incidents.btn_take", f"inc:take:{incident.id}"]]]
     for uid in await staff_ids(session, Role.DUTY_OFFICER):
         await enqueue(
-            session, uid, "incidents.alert", params, kind="alert", priority=Priority.ALERT, buttons=buttons,
-            photo_file_id=photo_file_id, dedupe_key=f"inc:{incident.id}:alert:{uid}",
+            session,
+            uid,
+            "incidents.alert",
+            params,
+            kind="alert",
+            priority=Priority.ALERT,
+            buttons=buttons,
+            photo_file_id=photo_file_id,
+            dedupe_key=f"inc:{incident.id}:alert:{uid}",
         )
     if staff_chat_id is not None:
         await enqueue(
-            session, staff_chat_id, "incidents.alert", params, kind="alert", priority=Priority.ALERT, buttons=buttons,
-            photo_file_id=photo_file_id, dedupe_key=f"inc:{incident.id}:alert:chat",
+            session,
+            staff_chat_id,
+            "incidents.alert",
+            params,
+            kind="alert",
+            priority=Priority.ALERT,
+            buttons=buttons,
+            photo_file_id=photo_file_id,
+            dedupe_key=f"inc:{incident.id}:alert:chat",
         )
     return incident
 
@@ -263,10 +291,17 @@ async def take_incident(
     won = await session.execute(
         update(Incident)
         .where(
-            (Incident.id == incident_id) & (Incident.source == "report")
-            & (Incident.state == IncidentState.OPEN) & Incident.handled_by.is_(None)
+            (Incident.id == incident_id)
+            & (Incident.source == "report")
+            & (Incident.state == IncidentState.OPEN)
+            & Incident.handled_by.is_(None)
         )
-        .values(state=IncidentState.HANDLING, handled_by=staff_id, handled_by_name=staff_name[:256], handled_at=now)
+        .values(
+            state=IncidentState.HANDLING,
+            handled_by=staff_id,
+            handled_by_name=staff_name[:256],
+            handled_at=now,
+        )
         .execution_options(synchronize_session=False)
     )
     incident = await session.get(Incident, incident_id, populate_existing=True)
@@ -275,9 +310,17 @@ async def take_incident(
     if _rowcount(won) == 1:
         if incident.reporter_id is not None and incident.reporter_id != staff_id:
             await enqueue(
-                session, incident.reporter_id, "incidents.reporter_taken",
-                {"id": incident.id, "name": html.escape(staff_name, quote=False), "kind": {"t": f"incidents.kind_{incident.kind}"}},
-                kind="alert", priority=Priority.ALERT, dedupe_key=f"inc:{incident.id}:taken",
+                session,
+                incident.reporter_id,
+                "incidents.reporter_taken",
+                {
+                    "id": incident.id,
+                    "name": html.escape(staff_name, quote=False),
+                    "kind": {"t": f"incidents.kind_{incident.kind}"},
+                },
+                kind="alert",
+                priority=Priority.ALERT,
+                dedupe_key=f"inc:{incident.id}:taken",
             )
         return TakeResult(TakeOutcome.TAKEN, incident)
     if incident.state == IncidentState.CLOSED:
@@ -295,19 +338,42 @@ class SentAlert:
     user_language: str | None
     telegram_language: str | None
     photo: bool
+    text_key: str
+    params: dict[str, Any]
 
 
 async def sent_alerts(session: AsyncSession, incident_id: int) -> list[SentAlert]:
     """The alerts about a report that reached their chat (to show who took it)."""
     rows = await session.execute(
-        select(Delivery.chat_id, Delivery.telegram_message_id, Delivery.language, User.language, User.telegram_language, Delivery.photo_file_id)
+        select(
+            Delivery.chat_id,
+            Delivery.telegram_message_id,
+            Delivery.language,
+            User.language,
+            User.telegram_language,
+            Delivery.photo_file_id,
+            Delivery.text_key,
+            Delivery.params,
+        )
         .outerjoin(User, User.telegram_id == Delivery.chat_id)
         .where(
-            (Delivery.dedupe_key.like(f"inc:{incident_id}:alert:%") | Delivery.dedupe_key.like(f"inc:{incident_id}:esc:%"))
+            (
+                Delivery.dedupe_key.like(f"inc:{incident_id}:alert:%")
+                | Delivery.dedupe_key.like(f"inc:{incident_id}:esc:%")
+            )
             & Delivery.telegram_message_id.is_not(None)
         )
     )
-    return [SentAlert(c, m, lang, ul, tl, bool(p)) for c, m, lang, ul, tl, p in rows]
+    return [
+        SentAlert(c, m, lang, ul, tl, bool(p), key, params or {})
+        for c, m, lang, ul, tl, p, key, params in rows
+    ]
+
+
+async def language_of(session: AsyncSession, telegram_id: int) -> tuple[str | None, str | None]:
+    """A person's chosen language and Telegram's, to render a message outside an update."""
+    user = await session.get(User, telegram_id)
+    return (user.language, user.telegram_language) if user is not None else (None, None)
 
 
 async def escalate_overdue(
@@ -322,8 +388,11 @@ async def escalate_overdue(
     due = list(
         await session.scalars(
             select(Incident.id).where(
-                (Incident.source == "report") & (Incident.state == IncidentState.OPEN) & Incident.handled_by.is_(None)
-                & Incident.escalated_at.is_(None) & (Incident.created_at <= cutoff)
+                (Incident.source == "report")
+                & (Incident.state == IncidentState.OPEN)
+                & Incident.handled_by.is_(None)
+                & Incident.escalated_at.is_(None)
+                & (Incident.created_at <= cutoff)
             )
         )
     )
@@ -332,7 +401,9 @@ async def escalate_overdue(
     for incident_id in due:
         won = await session.execute(
             update(Incident)
-            .where((Incident.id == incident_id) & Incident.escalated_at.is_(None) & Incident.handled_by.is_(None))
+            .where(
+                (Incident.id == incident_id) & Incident.escalated_at.is_(None) & Incident.handled_by.is_(None)
+            )
             .values(escalated_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -343,8 +414,14 @@ async def escalate_overdue(
         params = {**_alert_params(incident, policy, tz), "minutes": _minutes(minutes)}
         for uid in staff:
             await enqueue(
-                session, uid, "incidents.escalation", params, kind="alert", priority=Priority.ALERT,
-                buttons=[[["incidents.btn_take", f"inc:take:{incident_id}"]]], photo_file_id=incident.photo_file_id,
+                session,
+                uid,
+                "incidents.escalation",
+                params,
+                kind="alert",
+                priority=Priority.ALERT,
+                buttons=[[["incidents.btn_take", f"inc:take:{incident_id}"]]],
+                photo_file_id=incident.photo_file_id,
                 dedupe_key=f"inc:{incident_id}:esc:{uid}",
             )
         escalated.append(incident_id)
@@ -398,9 +475,18 @@ async def draft_broadcast(
         raise ValueError(f"unknown emergency type {emergency_type!r}")
     place_code, place_text = check_place(policy, place_code, place_text)
     broadcast = Broadcast(
-        purpose="alert", emergency_type=emergency_type, drill=drill, place_code=place_code, place_text=place_text,
-        audience=audience, text_zh=text_zh, text_en=text_en, state=BroadcastState.DRAFT, created_by=created_by,
-        created_at=now, recipients=len(await audience_ids(session, audience)),
+        purpose="alert",
+        emergency_type=emergency_type,
+        drill=drill,
+        place_code=place_code,
+        place_text=place_text,
+        audience=audience,
+        text_zh=text_zh,
+        text_en=text_en,
+        state=BroadcastState.DRAFT,
+        created_by=created_by,
+        created_at=now,
+        recipients=len(await audience_ids(session, audience)),
     )
     session.add(broadcast)
     await session.flush()
@@ -437,9 +523,18 @@ async def draft_allclear(
         return None
     text_zh, text_en = template_text(policy, "allclear", incident.place_code, incident.place_text, now, tz)
     broadcast = Broadcast(
-        incident_id=incident.id, purpose="allclear", emergency_type=incident.kind, drill=incident.drill,
-        place_code=incident.place_code, place_text=incident.place_text, audience="same", text_zh=text_zh,
-        text_en=text_en, state=BroadcastState.DRAFT, created_by=created_by, created_at=now,
+        incident_id=incident.id,
+        purpose="allclear",
+        emergency_type=incident.kind,
+        drill=incident.drill,
+        place_code=incident.place_code,
+        place_text=incident.place_text,
+        audience="same",
+        text_zh=text_zh,
+        text_en=text_en,
+        state=BroadcastState.DRAFT,
+        created_by=created_by,
+        created_at=now,
         recipients=len(await _incident_recipients(session, incident.id)),
     )
     session.add(broadcast)
@@ -447,12 +542,18 @@ async def draft_allclear(
     return broadcast
 
 
-async def update_draft_text(session: AsyncSession, broadcast_id: int, user_id: int, lang: str, text: str) -> bool:
+async def update_draft_text(
+    session: AsyncSession, broadcast_id: int, user_id: int, lang: str, text: str
+) -> bool:
     """Replace one language of a draft's text (its author only, while it is a draft)."""
     column = Broadcast.text_zh if lang == "zh" else Broadcast.text_en
     result = await session.execute(
         update(Broadcast)
-        .where((Broadcast.id == broadcast_id) & (Broadcast.created_by == user_id) & (Broadcast.state == BroadcastState.DRAFT))
+        .where(
+            (Broadcast.id == broadcast_id)
+            & (Broadcast.created_by == user_id)
+            & (Broadcast.state == BroadcastState.DRAFT)
+        )
         .values({column: text})
         .execution_options(synchronize_session=False)
     )
@@ -463,7 +564,11 @@ async def cancel_draft(session: AsyncSession, broadcast_id: int, user_id: int) -
     """Drop a draft nobody confirmed."""
     result = await session.execute(
         update(Broadcast)
-        .where((Broadcast.id == broadcast_id) & (Broadcast.created_by == user_id) & (Broadcast.state == BroadcastState.DRAFT))
+        .where(
+            (Broadcast.id == broadcast_id)
+            & (Broadcast.created_by == user_id)
+            & (Broadcast.state == BroadcastState.DRAFT)
+        )
         .values(state=BroadcastState.CANCELLED)
         .execution_options(synchronize_session=False)
     )
@@ -485,14 +590,18 @@ class ConfirmResult:
 
 
 def ack_buttons(broadcast_id: int) -> list[list[list[str]]]:
-    return [[
-        ["broadcast.btn_received", f"ack:{broadcast_id}:r"],
-        ["broadcast.btn_safe", f"ack:{broadcast_id}:s"],
-        ["broadcast.btn_help", f"ack:{broadcast_id}:h"],
-    ]]
+    return [
+        [
+            ["broadcast.btn_received", f"ack:{broadcast_id}:r"],
+            ["broadcast.btn_safe", f"ack:{broadcast_id}:s"],
+            ["broadcast.btn_help", f"ack:{broadcast_id}:h"],
+        ]
+    ]
 
 
-async def confirm_broadcast(session: AsyncSession, broadcast_id: int, user_id: int, now: dt.datetime) -> ConfirmResult:
+async def confirm_broadcast(
+    session: AsyncSession, broadcast_id: int, user_id: int, now: dt.datetime
+) -> ConfirmResult:
     """Send a draft: exactly once, however often and by however many processes it is confirmed.
 
     The recipients are counted again now; every delivery row is written in one multi-row insert in
@@ -528,9 +637,15 @@ async def confirm_broadcast(session: AsyncSession, broadcast_id: int, user_id: i
         recipients = await _incident_recipients(session, broadcast.incident_id)
     else:
         incident = Incident(
-            source="emergency", kind=broadcast.emergency_type, drill=broadcast.drill, place_code=broadcast.place_code,
-            place_text=broadcast.place_text, reporter_id=user_id, reporter_name=await person_name(session, user_id),
-            state=IncidentState.OPEN, created_at=now,
+            source="emergency",
+            kind=broadcast.emergency_type,
+            drill=broadcast.drill,
+            place_code=broadcast.place_code,
+            place_text=broadcast.place_text,
+            reporter_id=user_id,
+            reporter_name=await person_name(session, user_id),
+            state=IncidentState.OPEN,
+            created_at=now,
         )
         session.add(incident)
         await session.flush()
@@ -540,20 +655,34 @@ async def confirm_broadcast(session: AsyncSession, broadcast_id: int, user_id: i
     params = {
         "id": broadcast.id,
         "drill": {"t": "broadcast.drill_mark"} if broadcast.drill else "",
-        "text": {"zh": html.escape(broadcast.text_zh, quote=False), "en": html.escape(broadcast.text_en, quote=False)},
+        "text": {
+            "zh": html.escape(broadcast.text_zh, quote=False),
+            "en": html.escape(broadcast.text_en, quote=False),
+        },
     }
     staff_recipients = [uid for uid in recipients if uid in staff]
     others = [uid for uid in recipients if uid not in staff]
-    common = {"kind": "broadcast", "priority": Priority.EMERGENCY, "broadcast_id": broadcast.id,
-              "dedupe_prefix": f"bc:{broadcast.id}:", "not_before": now}
+    common = {
+        "kind": "broadcast",
+        "priority": Priority.EMERGENCY,
+        "broadcast_id": broadcast.id,
+        "dedupe_prefix": f"bc:{broadcast.id}:",
+        "not_before": now,
+    }
     await enqueue_many(session, others, "broadcast.message", params, **common)  # type: ignore[arg-type]
     if broadcast.purpose == "alert":
         await enqueue_many(
-            session, staff_recipients, "broadcast.message_staff", params, buttons=ack_buttons(broadcast.id), **common,  # type: ignore[arg-type]
+            session,
+            staff_recipients,
+            "broadcast.message_staff",
+            params,
+            buttons=ack_buttons(broadcast.id),
+            **common,  # type: ignore[arg-type]
         )
         if staff_recipients:
             await session.execute(
-                insert(Acknowledgement), [{"broadcast_id": broadcast.id, "staff_id": uid} for uid in staff_recipients]
+                insert(Acknowledgement),
+                [{"broadcast_id": broadcast.id, "staff_id": uid} for uid in staff_recipients],
             )
     else:
         await enqueue_many(session, staff_recipients, "broadcast.message", params, **common)  # type: ignore[arg-type]
@@ -565,10 +694,14 @@ async def confirm_broadcast(session: AsyncSession, broadcast_id: int, user_id: i
     return ConfirmResult(ConfirmOutcome.SENT, broadcast)
 
 
-async def set_progress_message(session: AsyncSession, broadcast_id: int, chat_id: int, message_id: int) -> None:
+async def set_progress_message(
+    session: AsyncSession, broadcast_id: int, chat_id: int, message_id: int
+) -> None:
     """Remember the duty officer's progress message, which the progress job keeps up to date."""
     await session.execute(
-        update(Broadcast).where(Broadcast.id == broadcast_id).values(progress_chat_id=chat_id, progress_message_id=message_id)
+        update(Broadcast)
+        .where(Broadcast.id == broadcast_id)
+        .values(progress_chat_id=chat_id, progress_message_id=message_id)
     )
 
 
@@ -597,11 +730,15 @@ class DeliveryStats:
         return dt.timedelta(seconds=self.pending / self.rate) if self.rate > 0 else None
 
 
-async def delivery_stats(session: AsyncSession, broadcast: Broadcast, now: dt.datetime | None = None) -> DeliveryStats:
+async def delivery_stats(
+    session: AsyncSession, broadcast: Broadcast, now: dt.datetime | None = None
+) -> DeliveryStats:
     """Counts by state, the recent sending rate and the time until 90 % of recipients had it."""
     stats = DeliveryStats()
     for state, count in await session.execute(
-        select(Delivery.state, func.count()).where(Delivery.broadcast_id == broadcast.id).group_by(Delivery.state)
+        select(Delivery.state, func.count())
+        .where(Delivery.broadcast_id == broadcast.id)
+        .group_by(Delivery.state)
     ):
         setattr(stats, str(state), int(count))
         stats.total += int(count)
@@ -609,13 +746,16 @@ async def delivery_stats(session: AsyncSession, broadcast: Broadcast, now: dt.da
     if started is None or stats.sent == 0:
         return stats
     stats.last_sent_at = await session.scalar(
-        select(func.max(Delivery.sent_at)).where((Delivery.broadcast_id == broadcast.id) & (Delivery.state == DeliveryState.SENT))
+        select(func.max(Delivery.sent_at)).where(
+            (Delivery.broadcast_id == broadcast.id) & (Delivery.state == DeliveryState.SENT)
+        )
     )
     if now is not None:
         window = min(10.0, max((now - started).total_seconds(), 0.001))
         recent = await session.scalar(
             select(func.count()).where(
-                (Delivery.broadcast_id == broadcast.id) & (Delivery.state == DeliveryState.SENT)
+                (Delivery.broadcast_id == broadcast.id)
+                & (Delivery.state == DeliveryState.SENT)
                 & (Delivery.sent_at >= now - dt.timedelta(seconds=window))
             )
         )
@@ -636,7 +776,11 @@ async def delivery_stats(session: AsyncSession, broadcast: Broadcast, now: dt.da
 
 async def sending_broadcasts(session: AsyncSession) -> list[Broadcast]:
     """Broadcasts confirmed and not finished."""
-    return list(await session.scalars(select(Broadcast).where(Broadcast.state == BroadcastState.SENDING).order_by(Broadcast.id)))
+    return list(
+        await session.scalars(
+            select(Broadcast).where(Broadcast.state == BroadcastState.SENDING).order_by(Broadcast.id)
+        )
+    )
 
 
 async def claim_progress_update(
@@ -647,7 +791,11 @@ async def claim_progress_update(
         update(Broadcast)
         .where(
             (Broadcast.id == broadcast_id)
-            & (Broadcast.progress_at.is_(None) | (Broadcast.progress_at <= now - every) | (Broadcast.progress_at > now))
+            & (
+                Broadcast.progress_at.is_(None)
+                | (Broadcast.progress_at <= now - every)
+                | (Broadcast.progress_at > now)
+            )
         )
         .values(progress_at=now)
         .execution_options(synchronize_session=False)
@@ -659,7 +807,8 @@ async def finish_broadcast(session: AsyncSession, broadcast_id: int, now: dt.dat
     """Mark a broadcast done when nothing is left to send; True for the caller that did it."""
     pending = await session.scalar(
         select(func.count()).where(
-            (Delivery.broadcast_id == broadcast_id) & Delivery.state.in_([DeliveryState.QUEUED, DeliveryState.SENDING])
+            (Delivery.broadcast_id == broadcast_id)
+            & Delivery.state.in_([DeliveryState.QUEUED, DeliveryState.SENDING])
         )
     )
     if pending:
@@ -718,9 +867,18 @@ async def acknowledge(
         name = html.escape(await person_name(session, staff_id), quote=False)
         for uid in await _duty_officers(session, broadcast):
             row = await enqueue(
-                session, uid, "broadcast.help_alert",
-                {"id": broadcast_id, "name": name, "user_id": staff_id, "drill": {"t": "broadcast.drill_mark"} if broadcast.drill else ""},
-                kind="alert", priority=Priority.EMERGENCY, dedupe_key=f"ack:{broadcast_id}:{staff_id}:help:{uid}",
+                session,
+                uid,
+                "broadcast.help_alert",
+                {
+                    "id": broadcast_id,
+                    "name": name,
+                    "user_id": staff_id,
+                    "drill": {"t": "broadcast.drill_mark"} if broadcast.drill else "",
+                },
+                kind="alert",
+                priority=Priority.EMERGENCY,
+                dedupe_key=f"ack:{broadcast_id}:{staff_id}:help:{uid}",
             )
             alerted = alerted or row is not None
     return AckResult(AckOutcome.RECORDED, broadcast, alerted)
@@ -737,7 +895,8 @@ async def help_place(
     result = await session.execute(
         update(Acknowledgement)
         .where(
-            (Acknowledgement.broadcast_id == broadcast_id) & (Acknowledgement.staff_id == staff_id)
+            (Acknowledgement.broadcast_id == broadcast_id)
+            & (Acknowledgement.staff_id == staff_id)
             & (Acknowledgement.status == "help")
         )
         .values(place_code=place_code)
@@ -748,10 +907,19 @@ async def help_place(
     name = html.escape(await person_name(session, staff_id), quote=False)
     for uid in await _duty_officers(session, broadcast):
         await enqueue(
-            session, uid, "broadcast.help_place",
-            {"id": broadcast_id, "name": name, "user_id": staff_id, "place": place_label(policy, place_code, None),
-             "drill": {"t": "broadcast.drill_mark"} if broadcast.drill else ""},
-            kind="alert", priority=Priority.EMERGENCY, dedupe_key=f"ack:{broadcast_id}:{staff_id}:place:{place_code}:{uid}",
+            session,
+            uid,
+            "broadcast.help_place",
+            {
+                "id": broadcast_id,
+                "name": name,
+                "user_id": staff_id,
+                "place": place_label(policy, place_code, None),
+                "drill": {"t": "broadcast.drill_mark"} if broadcast.drill else "",
+            },
+            kind="alert",
+            priority=Priority.EMERGENCY,
+            dedupe_key=f"ack:{broadcast_id}:{staff_id}:place:{place_code}:{uid}",
         )
     return True
 
@@ -771,7 +939,9 @@ class AckStats:
 async def ack_stats(session: AsyncSession, broadcast_id: int) -> AckStats:
     stats = AckStats()
     for status, count in await session.execute(
-        select(Acknowledgement.status, func.count()).where(Acknowledgement.broadcast_id == broadcast_id).group_by(Acknowledgement.status)
+        select(Acknowledgement.status, func.count())
+        .where(Acknowledgement.broadcast_id == broadcast_id)
+        .group_by(Acknowledgement.status)
     ):
         stats.recipients += int(count)
         if status:
@@ -788,8 +958,11 @@ async def remind_unanswered(session: AsyncSession, now: dt.datetime, minutes: fl
             select(Broadcast.id)
             .join(Incident, Incident.id == Broadcast.incident_id)
             .where(
-                (Broadcast.purpose == "alert") & Broadcast.state.in_([BroadcastState.SENDING, BroadcastState.DONE])
-                & Broadcast.reminded_at.is_(None) & (Broadcast.confirmed_at <= cutoff) & (Incident.state != IncidentState.CLOSED)
+                (Broadcast.purpose == "alert")
+                & Broadcast.state.in_([BroadcastState.SENDING, BroadcastState.DONE])
+                & Broadcast.reminded_at.is_(None)
+                & (Broadcast.confirmed_at <= cutoff)
+                & (Incident.state != IncidentState.CLOSED)
             )
         )
     )
@@ -818,16 +991,34 @@ async def remind_unanswered(session: AsyncSession, now: dt.datetime, minutes: fl
         drill = {"t": "broadcast.drill_mark"} if broadcast.drill else ""
         for uid in silent:
             await enqueue(
-                session, uid, "broadcast.ack_reminder", {"id": broadcast_id, "drill": drill}, kind="alert",
-                priority=Priority.EMERGENCY, buttons=ack_buttons(broadcast_id), dedupe_key=f"bc:{broadcast_id}:remind:{uid}",
+                session,
+                uid,
+                "broadcast.ack_reminder",
+                {"id": broadcast_id, "drill": drill},
+                kind="alert",
+                priority=Priority.EMERGENCY,
+                buttons=ack_buttons(broadcast_id),
+                dedupe_key=f"bc:{broadcast_id}:remind:{uid}",
             )
         names = [html.escape(await person_name(session, uid), quote=False) for uid in silent]
-        listing = "\n".join(f"• {name}" for name in names[:50]) + (f"\n… +{len(names) - 50}" if len(names) > 50 else "")
+        listing = "\n".join(f"• {name}" for name in names[:50]) + (
+            f"\n… +{len(names) - 50}" if len(names) > 50 else ""
+        )
         for uid in await _duty_officers(session, broadcast):
             await enqueue(
-                session, uid, "broadcast.unanswered",
-                {"id": broadcast_id, "count": len(silent), "names": listing, "minutes": _minutes(minutes), "drill": drill},
-                kind="alert", priority=Priority.EMERGENCY, dedupe_key=f"bc:{broadcast_id}:unanswered:{uid}",
+                session,
+                uid,
+                "broadcast.unanswered",
+                {
+                    "id": broadcast_id,
+                    "count": len(silent),
+                    "names": listing,
+                    "minutes": _minutes(minutes),
+                    "drill": drill,
+                },
+                kind="alert",
+                priority=Priority.EMERGENCY,
+                dedupe_key=f"bc:{broadcast_id}:unanswered:{uid}",
             )
     return handled
 
@@ -862,11 +1053,16 @@ async def incident_report(session: AsyncSession, incident_id: int) -> IncidentRe
     report = IncidentReport(incident)
     for broadcast in await session.scalars(
         select(Broadcast)
-        .where((Broadcast.incident_id == incident_id) & Broadcast.state.in_([BroadcastState.SENDING, BroadcastState.DONE]))
+        .where(
+            (Broadcast.incident_id == incident_id)
+            & Broadcast.state.in_([BroadcastState.SENDING, BroadcastState.DONE])
+        )
         .order_by(Broadcast.id)
     ):
         report.broadcasts.append(
-            BroadcastReport(broadcast, await delivery_stats(session, broadcast), await ack_stats(session, broadcast.id))
+            BroadcastReport(
+                broadcast, await delivery_stats(session, broadcast), await ack_stats(session, broadcast.id)
+            )
         )
     return report
 
@@ -876,50 +1072,141 @@ async def recipients_csv(session: AsyncSession, broadcast_id: int, tz: ZoneInfo)
     so spreadsheet programs read the Chinese names)."""
     rows = await session.execute(
         select(
-            Delivery.chat_id, User.first_name, StaffMember.name, Delivery.state, Delivery.attempts, Delivery.last_error,
-            Delivery.sent_at, Acknowledgement.status, Acknowledgement.answered_at, Acknowledgement.place_code,
+            Delivery.chat_id,
+            User.first_name,
+            StaffMember.name,
+            Delivery.state,
+            Delivery.attempts,
+            Delivery.last_error,
+            Delivery.sent_at,
+            Acknowledgement.status,
+            Acknowledgement.answered_at,
+            Acknowledgement.place_code,
         )
         .outerjoin(User, User.telegram_id == Delivery.chat_id)
         .outerjoin(StaffMember, StaffMember.telegram_id == Delivery.chat_id)
         .outerjoin(
             Acknowledgement,
-            (Acknowledgement.broadcast_id == Delivery.broadcast_id) & (Acknowledgement.staff_id == Delivery.chat_id),
+            (Acknowledgement.broadcast_id == Delivery.broadcast_id)
+            & (Acknowledgement.staff_id == Delivery.chat_id),
         )
         .where(Delivery.broadcast_id == broadcast_id)
         .order_by(Delivery.id)
     )
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["telegram_id", "name", "staff", "delivery", "attempts", "error", "sent_at", "acknowledgement", "answered_at", "help_place"])
+    writer.writerow(
+        [
+            "telegram_id",
+            "name",
+            "staff",
+            "delivery",
+            "attempts",
+            "error",
+            "sent_at",
+            "acknowledgement",
+            "answered_at",
+            "help_place",
+        ]
+    )
 
     def local(value: dt.datetime | None) -> str:
         return value.astimezone(tz).isoformat(timespec="seconds") if value else ""
 
     for chat_id, first_name, staff_name, state, attempts, error, sent_at, status, answered_at, place in rows:
-        writer.writerow([
-            chat_id, staff_name or first_name or "", "yes" if staff_name is not None else "", state, attempts,
-            error or "", local(sent_at), status or "", local(answered_at), place or "",
-        ])
+        writer.writerow(
+            [
+                chat_id,
+                staff_name or first_name or "",
+                "yes" if staff_name is not None else "",
+                state,
+                attempts,
+                error or "",
+                local(sent_at),
+                status or "",
+                local(answered_at),
+                place or "",
+            ]
+        )
     return ("\ufeff" + out.getvalue()).encode("utf-8")
 
 
 async def broadcasts_of(session: AsyncSession, incident_id: int) -> list[Broadcast]:
-    return list(await session.scalars(select(Broadcast).where(Broadcast.incident_id == incident_id).order_by(Broadcast.id)))
+    return list(
+        await session.scalars(
+            select(Broadcast).where(Broadcast.incident_id == incident_id).order_by(Broadcast.id)
+        )
+    )
 
 
 # --- privacy and demo -----------------------------------------------------------------------------
 
 
 async def forget_person(session: AsyncSession, telegram_id: int) -> None:
-    """Erase a person from incidents (the incident itself stays, as the library's safety record)."""
+    """Erase a person from incidents (the incident itself stays, as the library's safety record):
+    their id and name, the place they typed and their photo go, and so do their name and words in
+    the alerts already sent to the staff about them."""
+    names = {await person_name(session, telegram_id)}
+    names |= set(
+        await session.scalars(select(Incident.reporter_name).where(Incident.reporter_id == telegram_id))
+    )
+    names |= set(
+        await session.scalars(select(Incident.handled_by_name).where(Incident.handled_by == telegram_id))
+    )
+    names = {n for n in names if n and len(n) >= 2 and n != str(telegram_id)}
+    reported = list(await session.scalars(select(Incident).where(Incident.reporter_id == telegram_id)))
+    typed_places = {incident.id for incident in reported if incident.place_text}
+    for incident in reported:
+        incident.reporter_id = incident.reporter_name = None
+        incident.place_text = "—" if incident.place_text else None
+        incident.photo_file_id = None
     await session.execute(
-        update(Incident).where(Incident.reporter_id == telegram_id).values(reporter_id=None, reporter_name=None)
+        update(Incident)
+        .where(Incident.handled_by == telegram_id)
+        .values(handled_by=None, handled_by_name=None)
     )
     await session.execute(
-        update(Incident).where(Incident.handled_by == telegram_id).values(handled_by=None, handled_by_name=None)
+        update(Broadcast).where(Broadcast.created_by == telegram_id).values(created_by=None)
     )
-    await session.execute(update(Broadcast).where(Broadcast.created_by == telegram_id).values(created_by=None))
     await session.execute(delete(Acknowledgement).where(Acknowledgement.staff_id == telegram_id))
+    # The staff's copies of alerts: about their reports, their "need help", who handled a report.
+    about = select(Delivery).where(
+        (Delivery.kind == "alert")
+        & (
+            Delivery.dedupe_key.like("inc:%")
+            | Delivery.dedupe_key.like("ack:%")
+            | Delivery.dedupe_key.like("bc:%")
+        )
+    )
+    for row in await session.scalars(about):
+        incident_id = _incident_of(row.dedupe_key or "")
+        params = _scrub(row.params or {}, names, telegram_id)
+        if incident_id in typed_places and "place" in params:
+            params["place"] = "—"
+        if params != row.params:
+            row.params = params
+            row.photo_file_id = None if incident_id in {i.id for i in reported} else row.photo_file_id
+    await session.flush()
+
+
+def _incident_of(dedupe_key: str) -> int | None:
+    parts = dedupe_key.split(":")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "inc" and parts[1].isdigit() else None
+
+
+def _scrub(value: Any, names: set[str], telegram_id: int) -> Any:
+    """``value`` with every mention of ``names`` (plain or HTML-escaped) and the id replaced."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, names, telegram_id) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, names, telegram_id) for v in value]
+    if isinstance(value, str):
+        for name in sorted(names, key=len, reverse=True):
+            value = value.replace(html.escape(name, quote=False), "—").replace(name, "—")
+        return value.replace(str(telegram_id), "0") if str(telegram_id) in value else value
+    if isinstance(value, int) and not isinstance(value, bool) and value == telegram_id:
+        return 0
+    return value
 
 
 async def seed_demo(
@@ -931,39 +1218,90 @@ async def seed_demo(
     places = [p.code for p in policy.library.places] or [None]
     session.add(
         Incident(
-            source="report", kind="water", place_code=places[min(1, len(places) - 1)], reporter_id=None,
-            reporter_name="—", state=IncidentState.CLOSED, handled_by=staff_id, handled_by_name="Li Na",
-            handled_at=earlier + dt.timedelta(minutes=3), created_at=earlier, closed_at=earlier + dt.timedelta(hours=1),
+            source="report",
+            kind="water",
+            place_code=places[min(1, len(places) - 1)],
+            reporter_id=None,
+            reporter_name="—",
+            state=IncidentState.CLOSED,
+            handled_by=staff_id,
+            handled_by_name="Li Na",
+            handled_at=earlier + dt.timedelta(minutes=3),
+            created_at=earlier,
+            closed_at=earlier + dt.timedelta(hours=1),
         )
     )
     drill_at = now - dt.timedelta(days=1)
     incident = Incident(
-        source="emergency", kind="fire", drill=True, place_code=places[0], reporter_id=duty_id,
-        reporter_name="Zhao Lei", state=IncidentState.CLOSED, created_at=drill_at, closed_at=drill_at + dt.timedelta(minutes=20),
+        source="emergency",
+        kind="fire",
+        drill=True,
+        place_code=places[0],
+        reporter_id=duty_id,
+        reporter_name="Zhao Lei",
+        state=IncidentState.CLOSED,
+        created_at=drill_at,
+        closed_at=drill_at + dt.timedelta(minutes=20),
     )
     session.add(incident)
     await session.flush()
     zh, en = template_text(policy, "fire", places[0], None, drill_at, ZoneInfo("Asia/Shanghai"))
     recipients = [*reader_user_ids, staff_id, duty_id]
     broadcast = Broadcast(
-        incident_id=incident.id, purpose="alert", emergency_type="fire", drill=True, place_code=places[0],
-        audience="all", text_zh=zh, text_en=en, state=BroadcastState.DONE, created_by=duty_id, created_at=drill_at,
-        confirmed_at=drill_at, finished_at=drill_at + dt.timedelta(seconds=len(recipients)), recipients=len(recipients),
+        incident_id=incident.id,
+        purpose="alert",
+        emergency_type="fire",
+        drill=True,
+        place_code=places[0],
+        audience="all",
+        text_zh=zh,
+        text_en=en,
+        state=BroadcastState.DONE,
+        created_by=duty_id,
+        created_at=drill_at,
+        confirmed_at=drill_at,
+        finished_at=drill_at + dt.timedelta(seconds=len(recipients)),
+        recipients=len(recipients),
     )
     session.add(broadcast)
     await session.flush()
     for n, uid in enumerate(recipients):
         session.add(
             Delivery(
-                chat_id=uid, kind="broadcast", priority=int(Priority.EMERGENCY), text_key="broadcast.message",
-                params={"drill": {"t": "broadcast.drill_mark"}, "text": {"zh": zh, "en": en}, "id": broadcast.id},
-                broadcast_id=broadcast.id, state=DeliveryState.SENT, attempts=1, not_before=drill_at, created_at=drill_at,
+                chat_id=uid,
+                kind="broadcast",
+                priority=int(Priority.EMERGENCY),
+                text_key="broadcast.message",
+                params={
+                    "drill": {"t": "broadcast.drill_mark"},
+                    "text": {"zh": zh, "en": en},
+                    "id": broadcast.id,
+                },
+                broadcast_id=broadcast.id,
+                state=DeliveryState.SENT,
+                attempts=1,
+                not_before=drill_at,
+                created_at=drill_at,
                 sent_at=drill_at + dt.timedelta(seconds=n * 0.05 + rng.random() * 0.05),
                 dedupe_key=f"bc:{broadcast.id}:{uid}",
             )
         )
-    session.add(Acknowledgement(broadcast_id=broadcast.id, staff_id=staff_id, status="safe", answered_at=drill_at + dt.timedelta(minutes=2)))
-    session.add(Acknowledgement(broadcast_id=broadcast.id, staff_id=duty_id, status="received", answered_at=drill_at + dt.timedelta(minutes=1)))
+    session.add(
+        Acknowledgement(
+            broadcast_id=broadcast.id,
+            staff_id=staff_id,
+            status="safe",
+            answered_at=drill_at + dt.timedelta(minutes=2),
+        )
+    )
+    session.add(
+        Acknowledgement(
+            broadcast_id=broadcast.id,
+            staff_id=duty_id,
+            status="received",
+            answered_at=drill_at + dt.timedelta(minutes=1),
+        )
+    )
 
 
 def _rowcount(result: Any) -> int:

@@ -308,7 +308,7 @@ async def test_delivery_report_counts_rate_and_time_to_90_percent(people: Databa
 
 
 async def test_forget_person_erases_them_from_incidents(people: Database) -> None:
-    incident = await report(people, utcnow())
+    incident = await report(people, utcnow(), place_code=None, place_text="Bob's desk", photo_file_id="PHOTO")
     broadcast = await draft(people)
     async with people.session() as s:
         await confirm_broadcast(s, broadcast.id, DUTY, utcnow())
@@ -319,7 +319,10 @@ async def test_forget_person_erases_them_from_incidents(people: Database) -> Non
         kept = await s.get(Incident, incident.id)
         acks = list(await s.scalars(select(Acknowledgement.staff_id)))
     assert kept is not None and kept.reporter_id is None and kept.reporter_name is None
+    assert kept.photo_file_id is None and kept.place_text == "—"
     assert acks == [DUTY]
+    for row in await deliveries(people, text_key="incidents.alert"):  # the staff's copies of the alert
+        assert "Bob" not in str(row.params) and row.photo_file_id is None
 
 
 async def test_demo_seed(people: Database) -> None:
