@@ -111,8 +111,9 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
     me = await who(update, context)
     query = query[:MAX_QUERY_CHARS]
     results = await _search(context, query, 0)
+    user_data = context.user_data if context.user_data is not None else {}
     if not results.hits:
-        context.user_data[ILL_PREFILL] = query
+        user_data[ILL_PREFILL] = query
         await reply(
             update,
             context,
@@ -122,7 +123,7 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
             query=escape(query),
         )
         return
-    context.user_data[QUERY] = query
+    user_data[QUERY] = query
     key, params, buttons = _results_message(me, results, 0)
     await reply(update, context, key, buttons=buttons, lang=me.lang, **params)
 

@@ -103,7 +103,7 @@ def _open(path: Path) -> IO[bytes]:
     """The file's bytes, decompressed when it is gzip (recognised by content, not by name)."""
     with path.open("rb") as f:
         magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")  # type: ignore[return-value]
 
 
 def detect_format(path: Path) -> str:
@@ -306,7 +306,8 @@ async def _write(session: AsyncSession, batch: list[_Pending]) -> tuple[int, int
     vocabulary: Counter[str] = Counter()
     identifiers: list[dict[str, Any]] = []
     if new:
-        await session.execute(insert(Record.__table__), [{**p.row, "updated_at": now} for p in new])
+        rows = [{**p.row, "updated_at": now} for p in new]
+        await session.execute(insert(Record.__table__), rows)  # type: ignore[arg-type]
         keys = [p.row["control_number"] for p in new]
         ids = dict(
             (
@@ -336,7 +337,7 @@ async def _write(session: AsyncSession, batch: list[_Pending]) -> tuple[int, int
             delete(RecordIdentifier).where(RecordIdentifier.record_id.in_([r["id"] for r in rows]))
         )
     if identifiers:
-        await session.execute(insert(RecordIdentifier.__table__), identifiers)
+        await session.execute(insert(RecordIdentifier.__table__), identifiers)  # type: ignore[arg-type]
     await update_vocabulary(session, vocabulary)
     return len(new), len(changed), len(batch) - len(new) - len(changed)
 

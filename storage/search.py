@@ -516,8 +516,10 @@ async def update_vocabulary(session: AsyncSession, delta: Counter[str]) -> None:
         )
         params = {"delta": json.dumps(changes, ensure_ascii=False)}
     await session.execute(sql(statement), params)
-    if any(d < 0 for d in changes.values()):
-        await session.execute(delete(SearchTerm).where(SearchTerm.df <= 0))
+    fewer = [t for t, d in changes.items() if d < 0]
+    for start in range(0, len(fewer), 2000):
+        chunk = fewer[start : start + 2000]
+        await session.execute(delete(SearchTerm).where(SearchTerm.term.in_(chunk), SearchTerm.df <= 0))
 
 
 async def rebuild_vocabulary(session: AsyncSession) -> int:
@@ -652,8 +654,9 @@ def _query_groups(query: str) -> tuple[str, list[Group]]:
         issn = issn_form(stripped) if re.fullmatch(r"\d{4}-\d{3}[\dXx]", stripped) else None
         if forms:
             groups.append(Group(stripped, [(f,) for f in forms], identifier=True))
-        elif issn:
-            groups.append(Group(stripped, [(issn,)], identifier=True))
+        elif issn and stdnum_issn.is_valid(issn):
+            # "1930-1940" may be an ISSN or two years: either will do.
+            groups.append(Group(stripped, [(issn,), tuple(stripped.split("-"))], identifier=True))
         elif fold(stripped) in ("isbn", "issn"):
             continue
         else:

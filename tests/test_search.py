@@ -6,6 +6,7 @@ the same assertions hold on both)."""
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -286,3 +287,36 @@ def _fts_connection() -> sqlite3.Connection:
         )
         _CONNECTION.execute("INSERT INTO t VALUES ('history china 政治', 'zhang', 'x')")
     return _CONNECTION
+
+
+@in_module_loop
+@pytest.mark.skipif(
+    not os.environ.get("LIBRARYBOT_TEST_DATABASE_URL"), reason="compares PostgreSQL with SQLite"
+)
+async def test_the_same_results_on_both_databases(catalog: Database, tmp_path: Path) -> None:
+    lite = Database(f"sqlite+aiosqlite:///{tmp_path / 'same.db'}")
+    await create_schema(lite)
+    await import_demo_catalog(lite, DEMO)
+    queries = [
+        "history",
+        "china",
+        "明代政治制度",
+        "政治",
+        "ming dai",
+        "Zhang Zhian",
+        "histroy of chna",
+        "war",
+        "中国 经济",
+        "9571117846",
+        "Dvorak",
+        "smith",
+        "the",
+        "guo ji",
+        "xi an",
+        "fa zhan bao gao",
+    ]
+    try:
+        for query in queries:
+            assert await numbers(catalog, query, limit=20) == await numbers(lite, query, limit=20), query
+    finally:
+        await lite.dispose()

@@ -17,9 +17,9 @@ import re
 import unicodedata
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Protocol
 
 import pymarc
 from pymarc.marc8 import marc8_to_unicode
@@ -90,7 +90,13 @@ class BadRecord(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def split_records(stream: IO[bytes], block: int = 1 << 20) -> Iterator[bytes]:
+class Readable(Protocol):
+    """A binary stream: a file, a gzip file, BytesIO."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def split_records(stream: Readable, block: int = 1 << 20) -> Iterator[bytes]:
     """The records of a binary MARC stream, each ending with 0x1D (a trailing piece without one is
     yielded as it is, and fails to parse)."""
     rest = b""
@@ -143,6 +149,15 @@ def _marc8(data: bytes) -> str:
     return _CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
+def _ascii(data: bytes) -> str:
+    return _CONTROL.sub("", data.decode("ascii"))
+
+
+def _utf8(data: bytes) -> str:
+    text = data.decode("utf-8")
+    return _CONTROL.sub("", unicodedata.normalize("NFC", text)) if not text.isascii() else text
+
+
 def parse_binary(chunk: bytes) -> MarcRecord:
     """One ISO 2709 record, decoded; BadRecord (with the reason) when it cannot be read."""
     if len(chunk) < 25:
@@ -165,11 +180,9 @@ def parse_binary(chunk: bytes) -> MarcRecord:
                 s.value if isinstance(s.value, bytes) else str(s.value).encode() for s in f.subfields
             )
     everything = b"\x1f".join(pieces)
+    decode: Callable[[bytes], str]
     if everything.isascii():
-
-        def decode(b: bytes) -> str:
-            return _CONTROL.sub("", b.decode("ascii"))
-
+        decode = _ascii
     else:
         utf8_ok = True
         try:
@@ -177,11 +190,7 @@ def parse_binary(chunk: bytes) -> MarcRecord:
         except UnicodeDecodeError:
             utf8_ok = False
         if utf8_ok:  # the leader says UTF-8, or it says MARC-8 but the data is UTF-8 (force_utf8)
-
-            def decode(b: bytes) -> str:
-                text = b.decode("utf-8")
-                return _CONTROL.sub("", unicodedata.normalize("NFC", text)) if not text.isascii() else text
-
+            decode = _utf8
         elif leader[9:10] == "a":
             try:
                 _marc8(everything)  # a leader claiming UTF-8 on MARC-8 data
@@ -204,7 +213,7 @@ def parse_binary(chunk: bytes) -> MarcRecord:
     return record
 
 
-def read_binary(stream: IO[bytes]) -> Iterator[MarcRecord | Skip]:
+def read_binary(stream: Readable) -> Iterator[MarcRecord | Skip]:
     """The records of a binary MARC file, or the reason each unreadable one was skipped."""
     pymarc_log = logging.getLogger("pymarc")
     level = pymarc_log.level
@@ -438,7 +447,8 @@ def marc21_record(record: MarcRecord, source_format: str) -> BibRecord:
         f041 = record.first("041")
         language = f041.first("a")[:3] if f041 else ""
 
-    physical = clean(record.first("300").text("abce")) if record.first("300") else ""
+    f300 = record.first("300")
+    physical = clean(f300.text("abce")) if f300 is not None else ""
 
     subjects: list[str] = []
     subject_texts: list[str] = []
@@ -453,34 +463,37 @@ def marc21_record(record: MarcRecord, source_format: str) -> BibRecord:
 
     series: list[str] = []
     series_texts: list[str] = []
+    seen_series: set[str] = set()
     for f in record.all("490", "440", "800", "810", "811", "830"):
-        codes = "atv" if f.tag in ("440", "490", "830") else "abcdqtv"
-        orig, latin = _pair(f, linked, codes, " ")
-        if latin and latin not in series:
-            series.append(f"{orig} ({latin})" if orig else latin)
-            series_texts.extend(x for x in (orig, latin) if x)
+        series_orig, series_latin = _pair(
+            f, linked, "atv" if f.tag in ("440", "490", "830") else "abcdqtv", " "
+        )
+        if series_latin and series_latin not in seen_series:
+            seen_series.add(series_latin)
+            series.append(f"{series_orig} ({series_latin})" if series_orig else series_latin)
+            series_texts.extend(x for x in (series_orig, series_latin) if x)
 
     isbns, isbn_display = isbn_entries([v for f in record.all("020") for v in f.values("a")])
     issns = [v for f in record.all("022") for v in f.values("a") if issn_form(v)]
-    lccn = "".join(record.first("010").first("a").split()) if record.first("010") else ""
+    f010 = record.first("010")
+    lccn = "".join(f010.first("a").split()) if f010 is not None else ""
 
     call_field = record.first("050", "090", "099", "055", "060", "082", "084")
     call_number = call_field.text("ab") if call_field is not None else ""
-    codes = [record.control.get("001", "").strip(), lccn] + [
+    code_values = [record.control.get("001", "").strip(), lccn] + [
         f.text("ab") for f in record.all("050", "055", "060", "082", "084", "090", "099")
     ]
 
     titles = [title_orig, title_latin]
     for f in record.all("246", "240", "130", "730", "740"):
-        orig, latin = _pair(f, linked, "abnp")
-        titles.extend((orig, latin))
+        titles.extend(_pair(f, linked, "abnp"))
     authors = [author_orig, author_latin, resp_orig, resp_latin]
     names: list[str] = []
     for f in added[:12]:
-        orig, latin = _pair(f, linked, author_codes)
-        authors.extend((orig, latin))
-        if latin:
-            names.append(f"{orig} ({latin})" if orig else latin)
+        name_orig, name_latin = _pair(f, linked, author_codes)
+        authors.extend((name_orig, name_latin))
+        if name_latin:
+            names.append(f"{name_orig} ({name_latin})" if name_orig else name_latin)
 
     chinese = language in ("chi", "zho") or (not language and is_chinese_text(title_orig))
     display_title = title_orig or title_latin
@@ -536,7 +549,7 @@ def marc21_record(record: MarcRecord, source_format: str) -> BibRecord:
         authors=[a for a in authors if a],
         others=subject_texts + [publisher_orig],
         romanised_others=series_texts + [publisher_latin],
-        codes=[c for c in codes if c],
+        codes=[c for c in code_values if c],
         title_forms=[t for t in (main_orig, main_latin, title_orig, title_latin) if t],
         author_forms=author_forms,
         chinese=chinese,
