@@ -33,6 +33,7 @@ from storage.search import (
     SearchPage,
     record_details,
     search,
+    searchable,
 )
 
 PER_PAGE = 5
@@ -46,7 +47,7 @@ async def search_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     message = update.effective_message
     parts = (message.text or "").split(maxsplit=1) if message is not None else []
     query = parts[1].strip() if len(parts) > 1 else ""
-    if not query:
+    if not searchable(query):
         await reply(update, context, "search.usage")
         return
     await _first_page(update, context, query)
@@ -55,8 +56,10 @@ async def search_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
 async def plain_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """A plain text message outside any conversation is a catalog search."""
     query = (update.effective_message.text or "").strip() if update.effective_message else ""
-    if query:
-        await _first_page(update, context, query)
+    if not searchable(query):  # "?!", an emoji: nothing to look for
+        await reply(update, context, "search.usage")
+        return
+    await _first_page(update, context, query)
 
 
 async def page_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -13,9 +13,10 @@ How it works, in three steps:
 2. **Candidates, from the database.** The token strings are indexed by the database: an FTS5 table
    with the ``ascii`` tokenizer on SQLite (it splits on the spaces we put and nothing else), GIN
    indexes over ``array_to_tsvector`` of the same strings on PostgreSQL (no parser involved). Both
-   answer the same boolean question ("title has all these tokens", "the record has all these
-   tokens", "the record has one of these rare tokens") and candidates are ordered by the length of
-   their title, then id, never by a database-specific rank, so both databases find the same records.
+   answer the same boolean questions ("the title has all these tokens", "the record has all these
+   tokens", and when nothing matches, "all but one of them") and candidates are ordered by the
+   length of their title, then id, never by a database-specific rank, so both databases find the
+   same records.
    Typos are corrected against the catalog's own vocabulary (table ``search_terms``), pinyin typed
    without spaces is split into syllables, very common words are left to the reranking.
 3. **Reranking, in Python.** Exact titles first, then the query as a phrase in a title or an author,
@@ -137,6 +138,7 @@ def is_chinese_text(text: str) -> bool:
 
 
 def has_cjk(text: str) -> bool:
+    """True when ``text`` has a character of a script written without spaces (Han, kana, Hangul)."""
     return bool(_HAS_CJK.search(text))
 
 
@@ -588,10 +590,6 @@ class QueryPlan:
     text: str  # the query in words form (folded)
     groups: list[Group]
 
-    @property
-    def identifier_only(self) -> bool:
-        return bool(self.groups) and all(g.identifier for g in self.groups)
-
 
 def _fts_expression(groups: Sequence[Group], title_only: bool) -> str:
     def alt(a: Alternative) -> str:
@@ -683,6 +681,12 @@ def _query_groups(query: str) -> tuple[str, list[Group]]:
     seen: set[str] = set()
     unique = [g for g in groups if not (g.word in seen or seen.add(g.word))]  # type: ignore[func-returns-value]
     return words(text), unique
+
+
+def searchable(query: str) -> bool:
+    """Whether ``query`` has anything to search for (a word, a CJK character, an ISBN), unlike
+    punctuation or emoji alone."""
+    return bool(_query_groups(query or "")[1])
 
 
 async def plan_query(session: AsyncSession, query: str) -> QueryPlan:

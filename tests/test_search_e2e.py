@@ -130,8 +130,9 @@ async def test_reader_queries_through_the_bot(bot_env: EmbeddedBot, db: Database
             "/search " + "x" * 2000,
         ):
             assert await visitor.send(query)  # answered, one way or another
-        [usage] = await visitor.send("/search")
-        assert "What are you looking for?" in usage["plain"]
+        for nothing_to_look_for in ("/search", "/search ?!", "😀"):
+            [usage] = await visitor.send(nothing_to_look_for)
+            assert "What are you looking for?" in usage["plain"]
         assert "明代政治制度" in bot_text(await visitor.send("明代政治制度"))  # the catalog is still there
 
 
