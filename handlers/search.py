@@ -1,7 +1,8 @@
 """Catalog search (馆藏检索): ``/search QUERY``, or any plain text outside a conversation.
 
 Results come five a page with Prev/Next (``search:page:<n>``; the query is kept in
-``user_data["search_query"]``) and a details button per result (``search:rec:<record id>``) that
+``user_data["search_query"]``, and per result message in ``user_data["search_queries"]``, so that
+an older list still pages through its own query) and a details button per result (``search:rec:<record id>``) that
 shows the full record and every copy. A reader gets a hold button (``hold:place:<record id>``,
 handled by the loans module) for a title with no copy on the shelf. A search that finds nothing
 offers an interlibrary loan request (``ill:new``, handled by the ILL module) with the query left in
@@ -38,6 +39,8 @@ from storage.search import (
 
 PER_PAGE = 5
 QUERY = "search_query"  # user_data: the query the Prev/Next buttons page through
+QUERIES = "search_queries"  # user_data: the query of each recent result list, by message id
+REMEMBERED = 20
 ILL_PREFILL = "ill_prefill"  # user_data: what "Request by interlibrary loan" starts from
 MAX_COPIES_SHOWN = 20
 
@@ -65,7 +68,11 @@ async def plain_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
 async def page_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Prev / Next: another page of the last search, in place."""
     me = await who(update, context)
-    query = context.user_data.get(QUERY) if context.user_data is not None else None
+    user_data = context.user_data if context.user_data is not None else {}
+    message = update.callback_query.message if update.callback_query else None
+    shown = user_data.get(QUERIES, {}) if isinstance(user_data.get(QUERIES), dict) else {}
+    query = shown.get(str(message.message_id)) if message is not None else None
+    query = query or user_data.get(QUERY)  # a list from before the per-message memory
     if not isinstance(query, str) or not query:
         await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
         return
@@ -128,7 +135,12 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
         return
     user_data[QUERY] = query
     key, params, buttons = _results_message(me, results, 0)
-    await reply(update, context, key, buttons=buttons, lang=me.lang, **params)
+    sent = await reply(update, context, key, buttons=buttons, lang=me.lang, **params)
+    # Each result list pages through its own query, also after a newer search.
+    remembered = user_data.get(QUERIES)
+    shown: dict[str, str] = remembered if isinstance(remembered, dict) else {}
+    shown[str(sent.message_id)] = query
+    user_data[QUERIES] = dict(list(shown.items())[-REMEMBERED:])
 
 
 async def _search(context: ContextTypes.DEFAULT_TYPE, query: str, page: int) -> SearchPage:

@@ -92,6 +92,9 @@ async def test_reader_queries_through_the_bot(bot_env: EmbeddedBot, db: Database
         assert second["message_id"] == listing["message_id"] and "results 6–10 of" in second["plain"]
         [back] = await visitor.press("‹ Prev", message=second)
         assert "results 1–5 of" in back["plain"]
+        await visitor.send("/search china")  # a newer search: the older list still pages its own
+        [again] = await visitor.press("Next ›", message=listing)
+        assert again["plain"].startswith("🔎 history: results 6–10")
 
         # Details: the full record and every copy.
         [found] = await visitor.send("/search 9571117846")
