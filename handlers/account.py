@@ -123,8 +123,11 @@ async def login_card(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
 async def login_pin(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     """Check the PIN (the message holding it is deleted first)."""
     await _delete_pin_message(update, context)
-    card = context.user_data.pop("login_card", "")
+    card = context.user_data.get("login_card", "")
     await _try_login(update, context, card, (update.message.text or "").strip())
+    # Forgotten only once the attempt was made: if the store failed (the person is told to try
+    # again), the conversation stays at this step and the card number with it.
+    context.user_data.pop("login_card", None)
     return ConversationHandler.END
 
 
@@ -199,9 +202,21 @@ async def forget_confirmed(update: Update, context: ContextTypes.DEFAULT_TYPE) -
         await forget_person(session, me.user_id)
     context.application.drop_user_data(me.user_id)
     context.application.drop_chat_data(me.chat_id)
+    _end_conversations(context.application, me.user_id)
     log.info("user %s erased their data", me.user_id)
     await answer(update, context, lang=me.lang)
     await edit(update, context, "account.forget_done", lang=me.lang)
+
+
+def _end_conversations(app: Application, user_id: int) -> None:  # type: ignore[type-arg]
+    """End every conversation the person is in, so that a step typed after /forgetme does not store
+    again what was just erased. python-telegram-bot has no public way to end a conversation from
+    outside it; its state dict is the one it persists, so the deletion is saved as well."""
+    for handlers in app.handlers.values():
+        for handler in handlers:
+            if isinstance(handler, ConversationHandler):
+                for key in [k for k in handler._conversations if user_id in k]:
+                    del handler._conversations[key]
 
 
 async def hours(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

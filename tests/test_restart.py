@@ -21,7 +21,7 @@ from storage.state import ProcessedUpdate
 from tests.auxil.people import add_card
 from tests.auxil.subprocess_bot import BotProcess
 
-PUSHES = 4
+PUSHES = 3
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ async def test_sigterm_finishes_the_updates_in_flight_and_leaves_the_outbox_cons
     db: Database, emulator: Emulator, people: Any, tmp_path: Path
 ) -> None:
     bot = await bot_process(db, emulator, tmp_path).start()
-    readers = [people(100 + i) for i in range(12)]
+    readers = [people(100 + i) for i in range(8)]
     try:
         for r in readers:
             await r.send("/start")

@@ -134,3 +134,58 @@ class Chat:
 def texts(messages: list[JSON]) -> str:
     """The texts of bot messages, one per line."""
     return "\n".join(m["text"] or "" for m in messages if m["from_bot"])
+
+
+def relax_flood_control(env: EmbeddedBot, limit: int = 1_000_000) -> None:
+    """Let one person send as fast as a test needs (flood control has its own tests)."""
+    from bot.gate import FloodControl
+
+    assert env.app is not None
+    for handlers in env.app.handlers.values():
+        for handler in handlers:
+            if isinstance(getattr(handler, "callback", None), FloodControl):
+                handler.callback.limit = limit  # type: ignore[attr-defined]
+
+
+def conversation_entry_commands(env: EmbeddedBot) -> list[str]:
+    """The commands that open a conversation of the running bot (ILL form, complaint, login, …)."""
+    from telegram.ext import CommandHandler, ConversationHandler
+
+    assert env.app is not None
+    found: list[str] = []
+    for handlers in env.app.handlers.values():
+        for handler in handlers:
+            if isinstance(handler, ConversationHandler):
+                for entry in handler.entry_points:
+                    if isinstance(entry, CommandHandler):
+                        found += [c for c in sorted(entry.commands) if c not in found]
+    return found
+
+
+STOP_WORDS = ("cancel", "取消", "back", "返回", "no", "否", "skip")
+
+
+async def walk(chat: Chat, command: str, say: Any, steps: int = 8) -> list[JSON]:
+    """Go through a conversation the way a person would: start it with ``command``, then at each
+    step press the first button offered (not Cancel or Back), or else type ``say(step)``. Returns
+    every bot message of the walk. Leaves the conversation with /cancel at the end."""
+    seen: list[JSON] = list(await chat.send(f"/{command}"))
+    pressed: set[str] = set()
+    for step in range(steps):
+        last = seen[-1] if seen else None
+        choices = [
+            (m, d) for m, label, d in chat.buttons()
+            if last is not None and m == last["message_id"] and d not in pressed and d != "noop"
+            and not d.startswith("https://") and not any(w in label.lower() for w in STOP_WORDS)
+        ]
+        if choices:
+            message_id, data = choices[0]
+            pressed.add(data)
+            answer = await chat.press_data(message_id, data)
+        else:
+            answer = await chat.send(say(step))
+        if not answer:
+            break
+        seen += answer
+    seen += await chat.send("/cancel")
+    return seen
