@@ -11,6 +11,10 @@ offers an interlibrary loan request (``ill:new``, handled by the ILL module) wit
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+from typing import Any
+
 from telegram import Update
 from telegram.ext import (
     Application,
@@ -24,11 +28,13 @@ from telegram.ext import (
 from bot.context import Who, services, who
 from bot.i18n import catalogue, t
 from bot.ui import Button, answer, edit, escape, paginate, parse_page, reply
-from storage.catalog import Availability
+from storage.catalog import ON_SHELF, Availability
+from storage.ils import CirculationUnavailable
 from storage.people import Role
 from storage.search import (
     MAX_QUERY_CHARS,
     MAX_RESULTS,
+    Copy,
     RecordDetails,
     SearchHit,
     SearchPage,
@@ -100,6 +106,17 @@ async def details_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     if 0 < record_id < 2**63:
         async with services(context).db.session() as session:
             details = await record_details(session, record_id)
+    if details is not None:
+        live = (await _live(context, [record_id])).get(record_id)
+        if live is not None:
+            types = {c.barcode: c.item_type for c in details.copies}
+            copies = [
+                Copy(c.barcode, c.location, c.call_number, c.status, types.get(c.barcode, "book"), c.due_at)
+                for c in getattr(live, "copies", ())
+            ]
+            details = dataclasses.replace(
+                details, copies=copies, availability=_summary(live, details.availability)
+            )
     if details is None:  # forged or outdated button
         await answer(update, context, "search.no_such_record", alert=True, lang=me.lang)
         return
@@ -145,7 +162,38 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
 
 async def _search(context: ContextTypes.DEFAULT_TYPE, query: str, page: int) -> SearchPage:
     async with services(context).db.session() as session:
-        return await search(session, query, limit=PER_PAGE, offset=page * PER_PAGE)
+        results = await search(session, query, limit=PER_PAGE, offset=page * PER_PAGE)
+    live = await _live(context, [h.record_id for h in results.hits])
+    if not live:
+        return results
+    hits = [
+        dataclasses.replace(h, availability=_summary(live[h.record_id], h.availability))
+        if h.record_id in live
+        else h
+        for h in results.hits
+    ]
+    return dataclasses.replace(results, hits=hits)
+
+
+async def _live(context: ContextTypes.DEFAULT_TYPE, record_ids: list[int]) -> dict[int, Any]:
+    """The copies as the library's own system (SIP2) sees them now; {} with the local store, which
+    the search already read, or when that system does not answer (the store's word stands)."""
+    svc = services(context)
+    if not record_ids or svc.circulation is None or getattr(svc.settings, "ils", "local") == "local":
+        return {}
+    try:
+        return dict(await svc.circulation.availability(record_ids))
+    except CirculationUnavailable:
+        return {}
+
+
+def _summary(live: Any, stored: Availability) -> Availability:
+    """The circulation service's view of a title as the search shows it."""
+    copies = list(getattr(live, "copies", ()))
+    shelf = [c for c in copies if c.status == ON_SHELF] or copies
+    where = Counter((c.location, c.call_number) for c in shelf).most_common(1)
+    location, call_number = where[0][0] if where else (stored.location, stored.call_number)
+    return Availability(total=live.total, on_shelf=live.on_shelf, location=location, call_number=call_number)
 
 
 def _results_message(
@@ -188,7 +236,7 @@ def _hit(lang: str, number: int, hit: SearchHit) -> str:
         title=escape(hit.title),
         latin=latin,
         author_year=author_year,
-        holdings=escape(_holdings(lang, hit.availability, hit.call_number)),
+        holdings=escape(_holdings(lang, hit.availability, hit.availability.call_number or hit.call_number)),
     )
 
 

@@ -172,3 +172,40 @@ async def test_in_chinese(bot_env: EmbeddedBot, db: Database) -> None:
         assert "册在架" in found["plain"] and "索书号" in found["plain"]
         [details] = await lin.press("📖 1", message=found)
         assert "馆藏复本" in details["plain"] and "丛书：國際工程管理系列叢書" in details["plain"]
+
+
+async def test_copies_as_the_library_system_sees_them(bot_env: EmbeddedBot, db: Database) -> None:
+    """With SIP2, the copies' status comes from the library's own system, live."""
+    from storage.ils import Availability as Live
+    from storage.ils import CirculationUnavailable, CopyView
+
+    await catalog(db)
+    ensure_registered(bot_env)
+
+    class LibrarySystem:
+        down = False
+
+        async def availability(self, record_ids: list[int]) -> dict[int, Live]:
+            if self.down:
+                raise CirculationUnavailable("no answer")
+            copies = (
+                CopyView("X1", "2F Reading Room", "K249.2/Z1", "available"),
+                CopyView("X2", "2F Reading Room", "K249.2/Z1", "on_order"),
+            )
+            return {i: Live(i, 2, 1, 0, copies) for i in record_ids}
+
+    svc = bot_env.services
+    saved = (svc.circulation, svc.settings)
+    system = LibrarySystem()
+    svc.circulation, svc.settings = system, svc.settings.model_copy(update={"ils": "sip2"})
+    try:
+        async with await bot_env.person(LIN + 1, language_code="en") as reader:
+            [found] = await reader.send("/search 9571117846")
+            assert "1 of 2 on shelf, 2F Reading Room, call number K249.2/Z1" in found["plain"]
+            [details] = await reader.press("📖 1", message=found)
+            assert "• X2 — 2F Reading Room — K249.2/Z1 — on order" in details["plain"]
+            system.down = True  # the system does not answer: the catalogue's own copies are shown
+            [found] = await reader.send("/search 9571117846")
+            assert "call number DS753 .Z444 1999" in found["plain"]
+    finally:
+        svc.circulation, svc.settings = saved
