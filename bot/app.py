@@ -17,7 +17,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, incidents, loans, stats, tickets
+from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -47,6 +47,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
 
     account.register(app)  # /start (with invite deep links), /login conversation, /language, …
 
+    search.register(app)  # /search and the result buttons (pages, details)
+
     loans.register(app)  # /loans, /renew, /holds, /settings, renew/hold/reminder buttons, the daily notice job
 
     tickets.register(app)  # /complain, /feedback and ticket replies (a conversation), /tickets, claim buttons, SLA jobs
@@ -58,6 +60,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     incidents.register(app)  # /report conversation, "I'm handling it", /incidents reports and CSV, the escalation job
 
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
+
+    search.register_fallback(app)  # plain text outside any conversation is a catalog search
 
     account.register_last(app)  # /cancel outside a conversation, unknown commands, stale buttons
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from telegram.ext import CallbackQueryHandler
 
 from bot.embedded import EmbeddedBot
 from storage.catalog import Item, Record
@@ -31,26 +30,6 @@ def buttons(message: dict[str, Any]) -> dict[str, str]:
     return {b["text"]: b.get("callback_data", "") for row in message["buttons"] for b in row}
 
 
-def ensure_registered(env: EmbeddedBot) -> None:
-    """Until bot/app.py registers the search, put its handlers where app.py will: first among the
-    features for /search and its buttons, plain text last of all."""
-    from handlers import search
-
-    app = env.app
-    handlers = app.handlers.get(0, [])
-    if any(
-        isinstance(h, CallbackQueryHandler) and "search:" in str(getattr(h.pattern, "pattern", ""))
-        for h in handlers
-    ):
-        return
-    search.register(app)
-    search.register_fallback(app)
-    added = handlers[-4:]
-    del handlers[-4:]
-    handlers[0:0] = added[:3]
-    handlers.append(added[3])
-
-
 async def catalog(db: Database) -> None:
     report = await import_demo_catalog(db, DEMO)
     assert report.skipped == 0
@@ -60,7 +39,6 @@ async def catalog(db: Database) -> None:
 
 async def test_reader_queries_through_the_bot(bot_env: EmbeddedBot, db: Database) -> None:
     await catalog(db)
-    ensure_registered(bot_env)
     relax_flood_control(bot_env)  # one person asks thirty questions in a few seconds here
     async with await bot_env.person(VISITOR, language_code="en") as visitor:
         [found] = await visitor.send("/search 明代政治制度")
@@ -143,7 +121,6 @@ async def test_a_reader_can_hold_a_title_with_no_copy_on_the_shelf(
     bot_env: EmbeddedBot, db: Database
 ) -> None:
     await catalog(db)
-    ensure_registered(bot_env)
     await make_person(db, READER, "reader")
     async with db.session() as s:
         ming = await s.scalar(select(Record).where(Record.control_number == "00049916"))
@@ -165,7 +142,6 @@ async def test_a_reader_can_hold_a_title_with_no_copy_on_the_shelf(
 
 async def test_in_chinese(bot_env: EmbeddedBot, db: Database) -> None:
     await catalog(db)
-    ensure_registered(bot_env)
     async with await bot_env.person(LIN, language_code="zh-hans") as lin:
         [found] = await lin.send("/search 國際公司理財")
         assert "第 1–1 条，共 1 条" in found["plain"]
@@ -180,7 +156,6 @@ async def test_copies_as_the_library_system_sees_them(bot_env: EmbeddedBot, db: 
     from storage.ils import CirculationUnavailable, CopyView
 
     await catalog(db)
-    ensure_registered(bot_env)
 
     class LibrarySystem:
         down = False
