@@ -65,8 +65,10 @@ async def _tell_try_again(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
 
 
 async def drop_without_sender(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Channel posts and service updates have no person behind them: nothing to answer."""
-    if update.effective_user is None or update.effective_user.is_bot:
+    """Channel posts and service updates have no person behind them: nothing to answer. An edit of
+    an earlier message is not a new answer either (as in most bots, edits are ignored): treating it
+    as one would replay a step of a conversation with stale text."""
+    if update.effective_user is None or update.effective_user.is_bot or update.edited_message is not None:
         raise ApplicationHandlerStop
 
 
