@@ -35,7 +35,6 @@ from storage.state import PersistedState
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCHANGES = default_exchanges_path()
-pytestmark = pytest.mark.skipif(not EXCHANGES.exists(), reason=f"recorded SIP2 exchanges not found at {EXCHANGES}")
 
 STAFF_CHAT = -100777
 PERL = "1565921879"  # on loan to djfiander in the recordings, due 2026-12-10

@@ -25,9 +25,7 @@ from storage.outbox import Delivery
 from storage.people import Reader, User
 from storage.sip2 import client as sip2_client
 from storage.sip2.replay import ReplayServer
-from tests.test_ils_sip2 import EXCHANGES, on_loan_recordings
-
-pytestmark = pytest.mark.skipif(not EXCHANGES.exists(), reason=f"recorded SIP2 exchanges not found at {EXCHANGES}")
+from tests.test_ils_sip2 import on_loan_recordings
 
 DJ, MIKE, LIN, STAFF = 601, 602, 603, 9001
 PERL = "1565921879"

@@ -29,9 +29,6 @@ def shared_data() -> Path:
 
 
 EXCHANGES_PATH = shared_data() / "sip2" / "evergreen-sipserver-exchanges.json"
-pytestmark = pytest.mark.skipif(
-    not EXCHANGES_PATH.exists(), reason=f"recorded SIP2 exchanges not found at {EXCHANGES_PATH}"
-)
 
 
 def _exchanges() -> list[dict[str, Any]]:

@@ -178,9 +178,6 @@ async def test_tickets_section_when_the_tickets_module_offers_it(db: Database, m
 
 
 async def test_the_real_tickets_module_when_present(db: Database) -> None:
-    tickets = pytest.importorskip("storage.tickets")
-    if not hasattr(tickets, "ticket_stats"):
-        pytest.skip("storage.tickets has no ticket_stats yet")
     async with db.session() as s:
         report = await service_stats(s, SINCE, UNTIL, SH, NOW)
     assert report.tickets is not None
