@@ -38,11 +38,13 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import aiohttp
 from sqlalchemy import select, update
 from telegram import Bot, InputFile
 from telegram.constants import ParseMode
-from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import BaseRateLimiter
+from telegram.request import BaseRequest, RequestData
 
 from bot.i18n import language_for, localise, t
 from bot.ui import fit, keyboard
@@ -64,7 +66,9 @@ GROUP_CHAT_INTERVAL = 3.0  # 20 per minute
 MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
 MIN_RATE = 1.0  # the rate never drops below this after 429s
 RECOVERY_AFTER = 10.0
-REPLY_RETRIES = 3  # seconds without a 429 before the rate goes back up
+REPLY_RETRIES = 3
+MAX_REQUESTS = 16
+MAX_BURST = 100
 SEND_ENDPOINTS = frozenset(
     "sendMessage sendPhoto sendDocument sendVideo sendAudio sendVoice sendAnimation sendSticker "
     "sendMediaGroup sendLocation sendVenue sendContact sendPoll sendDice sendVideoNote sendInvoice "
@@ -76,15 +80,15 @@ class SendBudget:
     """Telegram's overall sending budget: ``rate`` tokens per second, granted by priority.
 
     Waiters with the lowest priority number are served first, in arrival order within a priority.
-    At most ``burst`` seconds' worth of tokens are saved up (half a second: Telegram's own bucket
-    then absorbs network jitter), and it starts nearly empty, so a restarted process does not
-    burst into a bucket its predecessor had just drained.
+    At most ``burst`` seconds' worth of tokens are saved up (half a second, and at most
+    ``MAX_BURST``: Telegram's own bucket then absorbs network jitter and a broadcast starting
+    after a quiet spell does not open with a flood).
     """
 
     def __init__(self, rate: float, burst: float = 0.5) -> None:
         self.configured = self.rate = float(rate)
         self.burst = burst
-        self.capacity = max(1.0, self.rate * burst)
+        self.capacity = self._capacity()
         self.tokens = 1.0
         self.stamp = time.monotonic()
         self.paused_until = 0.0
@@ -95,11 +99,15 @@ class SendBudget:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
 
+    def _capacity(self) -> float:
+        # At most ``burst`` seconds' worth, and never more than MAX_BURST messages at once.
+        return max(1.0, min(self.rate * self.burst, MAX_BURST))
+
     def _refill(self, now: float) -> None:
         if self.rate < self.configured and now - self.slowed_at > RECOVERY_AFTER:
             # No 429 for a while: creep back up to the configured rate (about a minute from half).
             self.rate = min(self.configured, self.rate + (now - self.stamp) * self.configured / 120)
-            self.capacity = max(1.0, self.rate * self.burst)
+            self.capacity = self._capacity()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
 
@@ -134,9 +142,15 @@ class SendBudget:
         self.tokens = min(self.tokens, 0.0)
         if now - self.slowed_at > seconds:  # one cut per refusal window, however many were in flight
             self.rate = max(MIN_RATE, self.rate * 0.7)
-            self.capacity = max(1.0, self.rate * self.burst)
+            self.capacity = self._capacity()
             log.warning("sending rate lowered to %.1f messages/s", self.rate)
         self.slowed_at = now
+        self._serve()
+
+    def refund(self) -> None:
+        """Give back a token whose message Telegram refused without sending it (blocked, bad chat)."""
+        self.tokens = min(self.capacity, self.tokens + 1)
+        self.granted -= 1
         self._serve()
 
     def note_chat(self, chat_id: Any) -> None:
@@ -219,6 +233,66 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
         raise AssertionError("unreachable")
 
 
+class OutboxRequest(BaseRequest):
+    """The outbox's own HTTP client (aiohttp): a fraction of httpx's CPU per request, which is what
+    limits a paid broadcast at 1,000 messages/s; and the pushes never queue in the connection pool
+    of the bot's answers."""
+
+    def __init__(self, connections: int, timeout: float = 10.0) -> None:
+        self.connections = connections
+        self.timeout = timeout
+        self.session: aiohttp.ClientSession | None = None
+        self.closed = False
+
+    @property
+    def read_timeout(self) -> float:
+        return self.timeout
+
+    async def initialize(self) -> None:
+        if self.closed:
+            raise NetworkError("the outbox's connections are closed (the bot is stopping)")
+        if self.session is None or self.session.closed:
+            connector = aiohttp.TCPConnector(limit=self.connections, ttl_dns_cache=300)
+            self.session = aiohttp.ClientSession(connector=connector)
+
+    async def shutdown(self) -> None:
+        self.closed = True
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def do_request(
+        self,
+        url: str,
+        method: str,
+        request_data: RequestData | None = None,
+        read_timeout: Any = None,
+        write_timeout: Any = None,
+        connect_timeout: Any = None,
+        pool_timeout: Any = None,
+    ) -> tuple[int, bytes]:
+        await self.initialize()
+        assert self.session is not None
+        data: Any = None
+        if request_data is not None:
+            data = request_data.json_parameters
+            if request_data.contains_files:
+                form = aiohttp.FormData()
+                for name, value in data.items():
+                    form.add_field(name, value)
+                for name, (filename, content, mimetype) in request_data.multipart_data.items():
+                    form.add_field(name, content, filename=filename, content_type=mimetype)
+                data = form
+        seconds = read_timeout if isinstance(read_timeout, (int, float)) else self.timeout
+        try:
+            async with self.session.request(method, url, data=data, timeout=aiohttp.ClientTimeout(total=seconds + 5)) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError as exc:
+            raise TimedOut(f"no answer in {seconds + 5:.0f} s") from exc
+        except aiohttp.ClientError as exc:
+            raise NetworkError(f"{type(exc).__name__}: {exc}") from exc
+
+
 class Dispatcher:
     """Delivers the outbox; one per bot process, several processes may share one database."""
 
@@ -237,12 +311,17 @@ class Dispatcher:
         lease: dt.timedelta = LEASE,
     ) -> None:
         self.bot = bot
+        self.sender: Any = bot  # what sends: the application's Bot with the outbox's own connections
+        self.requests_made: list[OutboxRequest] = []
         self.db = db
         self.budget = budget or SendBudget(rate)
         self.default_language = default_language
         self.clock = clock
         self.paid_broadcast = paid_broadcast
         self.max_in_flight = concurrency or max(32, int(rate))  # about a second of sending
+        # Requests open at once: enough for Telegram's latency at the full rate, few enough that the
+        # HTTP connection pool stays cheap and the bot's answers never queue behind a broadcast.
+        self.requests = asyncio.Semaphore(MAX_REQUESTS)
         self.poll_interval = poll_interval
         self.lease = lease
         self.host = socket.gethostname()
@@ -263,6 +342,7 @@ class Dispatcher:
     # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.sender = self._own_sender()
         outbox.add_listener(self.wake)
         self.task = asyncio.create_task(self._run(), name="outbox-dispatcher")
         self.flusher = asyncio.create_task(self._flush_loop(), name="outbox-flusher")
@@ -295,6 +375,22 @@ class Dispatcher:
             except Exception:  # a lease that runs out does the same, a little later
                 log.warning("could not record the last outcomes at shutdown; retrying")
                 await asyncio.sleep(0.2)
+        for request in self.requests_made:
+            await request.shutdown()
+
+    def _own_sender(self) -> Any:
+        """A Bot like the application's, with the outbox's own HTTP client (the same bot otherwise)."""
+        token = getattr(self.bot, "token", None)
+        if not isinstance(self.bot, Bot) or not token:
+            return self.bot  # a test double
+        self.requests_made = [OutboxRequest(MAX_REQUESTS), OutboxRequest(1)]  # closed by stop()
+        return Bot(
+            token,
+            base_url=self.bot.base_url.removesuffix(token),
+            base_file_url=self.bot.base_file_url.removesuffix(token),
+            request=self.requests_made[0],
+            get_updates_request=self.requests_made[1],
+        )
 
     def wake(self) -> None:
         """Look at the outbox now (called after something was queued)."""
@@ -402,7 +498,8 @@ class Dispatcher:
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
         try:
-            outcome = await self._send(row, lang)
+            async with self.requests:
+                outcome = await self._send(row, lang)
         except Exception as exc:  # a bug in rendering, say: keep the row, try again later
             log.exception("delivery %s could not be sent", row.id)
             outcome = self._retry(row, f"{type(exc).__name__}: {exc}")
@@ -434,21 +531,21 @@ class Dispatcher:
         extra: dict[str, Any] = {}
         if self.paid_broadcast and row.kind == "broadcast":
             extra["allow_paid_broadcast"] = True  # only emergencies pay for the higher rate
-        if getattr(self.bot, "rate_limiter", None) is not None:
+        if getattr(self.sender, "rate_limiter", None) is not None:
             extra["rate_limit_args"] = {"outbox": True}  # the budget was taken above
         try:
             if row.document is not None:
-                message = await self.bot.send_document(
+                message = await self.sender.send_document(
                     row.chat_id, InputFile(row.document, filename=row.document_name or "file"),
                     caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
                 )
             elif row.photo_file_id:
-                message = await self.bot.send_photo(
+                message = await self.sender.send_photo(
                     row.chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,
                     reply_markup=markup, **extra,
                 )
             else:
-                message = await self.bot.send_message(
+                message = await self.sender.send_message(
                     row.chat_id, text, parse_mode=ParseMode.HTML, reply_markup=markup,
                     disable_web_page_preview=True, **extra,
                 )
@@ -461,8 +558,10 @@ class Dispatcher:
             return Outcome(row.id, DeliveryState.QUEUED, "429", retry_at=self.clock() + dt.timedelta(seconds=wait), refund=True)
         except Forbidden as exc:
             log.info("chat %s is unreachable (%s)", row.chat_id, exc.message)
+            self.budget.refund()  # nothing was sent: the slot goes to the next recipient
             return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
         except BadRequest as exc:
+            self.budget.refund()
             if "chat not found" in exc.message.lower():
                 return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
             log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
