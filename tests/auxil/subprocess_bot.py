@@ -32,6 +32,7 @@ class BotProcess:
     """One ``librarybot run`` process against the emulator at ``api_url`` and the database ``database_url``.
 
     Its log (stderr and stdout) goes to ``log_path``; ``webhook_port`` switches it to webhook mode.
+    ``log_level`` must be INFO or DEBUG: the process is ready when it logs that it is running.
     """
 
     def __init__(
