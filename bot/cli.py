@@ -131,6 +131,7 @@ def _role(name: str) -> Role:
 
 def cmd_import(args: argparse.Namespace) -> int:
     async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        report: Any
         if args.kind == "catalog":
             from storage.catalog_import import CatalogImportError, import_catalog
 
@@ -162,6 +163,7 @@ def cmd_circ(args: argparse.Namespace) -> int:
     async def work(db: Database, settings: Settings, policy: Policy) -> int:
         from storage import circulation
 
+        result: Any
         async with db.session() as session:
             if args.circ_command == "checkout":
                 result = await circulation.checkout(session, args.barcode, args.card, policy, utcnow(), settings.tz)

@@ -649,7 +649,7 @@ def _label(lang: str, label: Any) -> str:
     return str(label)
 
 
-def _seconds(value: int | dt.timedelta) -> float:
+def _seconds(value: float | dt.timedelta) -> float:
     return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
 
 

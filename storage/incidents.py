@@ -1215,7 +1215,7 @@ async def seed_demo(
     """A handled report, and a finished drill with its delivery and acknowledgement report."""
     staff_id, duty_id = 9001, 9002
     earlier = now - dt.timedelta(days=2)
-    places = [p.code for p in policy.library.places] or [None]
+    places: list[str | None] = [p.code for p in policy.library.places] or [None]
     session.add(
         Incident(
             source="report",

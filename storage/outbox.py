@@ -24,10 +24,23 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Index, LargeBinary, String, bindparam, delete, event, func, insert, select, update
+from sqlalchemy import (
+    Index,
+    LargeBinary,
+    String,
+    Table,
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from storage.db import Base, utcnow
 
@@ -247,6 +260,7 @@ async def claim_due(
         "claimed_by": worker,
         "attempts": Delivery.attempts + 1,
     }
+    target: ColumnElement[bool]
     if _dialect(session) == "postgresql":
         target = Delivery.id.in_(pick.with_for_update(skip_locked=True).scalar_subquery())
     else:
@@ -349,6 +363,7 @@ async def mark_many(session: AsyncSession, outcomes: Sequence[Outcome]) -> None:
     sent = [o for o in outcomes if o.state == DeliveryState.SENT and o.retry_at is None]
     if sent:
         table = Delivery.__table__
+        assert isinstance(table, Table)
         statement = (
             update(table)
             .where(table.c.id == bindparam("b_id"))
