@@ -292,7 +292,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readers", type=int, default=200)
     parser.add_argument("--baselines", default="1,20", help="reader counts run first, for comparison")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per scenario")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load per scenario")
     parser.add_argument("--think", type=float, default=15.0, help="mean seconds between a reader's actions")
     parser.add_argument("--rate", type=float, default=30.0, help="LIBRARYBOT_BROADCAST_RATE of the bot")
     parser.add_argument("--pg", default=None, help="also run on this PostgreSQL server (postgresql+asyncpg://…/postgres)")

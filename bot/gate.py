@@ -13,6 +13,7 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from bot.context import services
+from bot.persistence import DatabasePersistence
 from bot.ui import reply
 from storage.state import claim_update
 
@@ -38,6 +39,10 @@ async def drop_duplicates(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     try:
         async with services(context).db.session() as session:
             first = await claim_update(session, update.update_id)
+        persistence = context.application.persistence
+        if first and isinstance(persistence, DatabasePersistence):
+            # This chat's last update may have gone to another bot process: take over its state.
+            await persistence.refresh(context.application, update)
     except DATABASE_DOWN as exc:
         log.warning("database unreachable for update %s: %s", update.update_id, type(exc).__name__)
         await _tell_try_again(update, context)

@@ -1,15 +1,24 @@
 """python-telegram-bot persistence kept in the database (not a pickle file), so that a conversation
-survives a restart and several bot processes share it. Values must be JSON-serialisable."""
+survives a restart and several bot processes share it. Values must be JSON-serialisable.
+
+Several processes: python-telegram-bot reads the persistence once, at start, and keeps conversation
+states and user and chat data in memory. When bot processes share one database behind a load
+balancer, one chat's next update may reach another process than its last one; so before each update
+:meth:`DatabasePersistence.refresh` reads that update's user data, chat data and conversation
+states, and takes over whatever another process stored since this one last read or wrote it.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from telegram.ext import BasePersistence, PersistenceInput
+from sqlalchemy import select, tuple_
+from telegram import Update
+from telegram.ext import Application, BasePersistence, ConversationHandler, PersistenceInput
 
 from storage.db import Database
-from storage.state import load_state, save_state
+from storage.state import PersistedState, load_state, save_state
 
 ConversationDict = dict[tuple[str | int, ...], object]
 
@@ -44,6 +53,49 @@ class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[s
         async with self.db.session() as session:
             await save_state(session, kind, key, value)
         self.stored[(kind, key)] = encoded
+
+    async def refresh(self, app: Application, update: Update) -> None:  # type: ignore[type-arg]
+        """Take over what another process stored for this update's user, chat and conversations."""
+        wanted: list[tuple[str, str]] = []
+        if update.effective_user is not None:
+            wanted.append(("user", str(update.effective_user.id)))
+        if update.effective_chat is not None:
+            wanted.append(("chat", str(update.effective_chat.id)))
+        conversations: dict[str, tuple[ConversationHandler, tuple[Any, ...]]] = {}  # type: ignore[type-arg]
+        for handler in _persistent_conversations(app):
+            try:
+                key = handler._get_key(update)  # python-telegram-bot's own key of this update
+            except RuntimeError:  # no chat or no user in this update: not part of a conversation
+                continue
+            kind = f"conversation:{handler.name}"
+            conversations[kind] = (handler, key)
+            wanted.append((kind, json.dumps(list(key))))
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(PersistedState.kind, PersistedState.key, PersistedState.value).where(
+                    tuple_(PersistedState.kind, PersistedState.key).in_(wanted)
+                )
+            )
+            stored = {(kind, key): value for kind, key, value in rows}
+        for kind, key in wanted:
+            value = stored.get((kind, key))
+            encoded = _encoded(value)
+            if self.stored.get((kind, key), None if kind in self.loaded_kinds else "?") == encoded:
+                continue  # what this process knows is the latest
+            self.stored[(kind, key)] = encoded
+            if kind in ("user", "chat"):
+                data = (app.user_data if kind == "user" else app.chat_data)[int(key)]
+                data.clear()
+                data.update(value or {})
+            else:
+                handler, conversation_key = conversations[kind]
+                # The handler's own state dict, changed without marking it for saving (it is saved).
+                states = handler._conversations
+                target = getattr(states, "data", states)
+                if value is None:
+                    target.pop(conversation_key, None)
+                else:
+                    target[conversation_key] = value["state"]
 
     async def get_user_data(self) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in (await self._load("user")).items()}
@@ -94,6 +146,13 @@ class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[s
 
     async def flush(self) -> None:
         return None
+
+
+def _persistent_conversations(app: Application) -> list[ConversationHandler]:  # type: ignore[type-arg]
+    return [
+        h for handlers in app.handlers.values() for h in handlers
+        if isinstance(h, ConversationHandler) and h.persistent and h.name
+    ]
 
 
 def _encoded(value: dict[str, Any] | None) -> str | None:

@@ -1,8 +1,8 @@
 """Several bot processes behind one database.
 
 On PostgreSQL two ``librarybot run --webhook`` processes share one stream of updates (the emulator
-gives each chat to one of them, as a load balancer with per-chat affinity would); on SQLite the same
-stream runs against one process. Every update is processed once — even a copy delivered to both
+hands each update to the next process in turn, as a load balancer without affinity would, so one
+conversation's steps alternate between them); on SQLite the same stream runs against one process. Every update is processed once — even a copy delivered to both
 processes at the same moment — the outbox is sent once, and the scheduled jobs (daily notices, SLA
 escalation, acknowledgement reminders: whatever the features register) run once when every process
 runs them at the same time.
@@ -102,7 +102,9 @@ async def test_one_stream_through_every_process_is_processed_exactly_once(
         BotProcess(db.url, emulator.base_url, tmp_path / f"bot{i}.log", webhook_port=free_port(), webhook_secret=SECRET)
         for i in range(processes)
     ]
-    emulator.set_webhook_targets([b.webhook_url for b in bots], secret_token=SECRET)
+    # Each update goes to the next process in turn, as behind a load balancer without affinity: the
+    # steps of one conversation alternate between the processes.
+    emulator.set_webhook_targets([b.webhook_url for b in bots], secret_token=SECRET, sticky=False)
     cards = {}
     for n in range(6):
         await add_card(db, f"M{n:04d}", f"{n:04d}", f"Multi Reader {n}")
@@ -156,8 +158,6 @@ async def test_one_stream_through_every_process_is_processed_exactly_once(
     async with db.session() as s:
         claimed = await s.scalar(select(func.count()).select_from(ProcessedUpdate).where(ProcessedUpdate.update_id >= 990_000))
         assert claimed == 10
-    if processes > 1:  # both processes really took part
-        assert len(set(emulator._chat_target.values())) == processes
     for bot in bots:
         assert "Traceback" not in bot.log() and " ERROR " not in bot.log(), bot.log()[-3000:]
 
