@@ -47,12 +47,17 @@ class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[s
 
     async def _save(self, kind: str, key: str, value: dict[str, Any] | None) -> None:
         encoded = _encoded(value)
-        known = self.stored.get((kind, key), None if kind in self.loaded_kinds else "?")
-        if known == encoded:
+        if self._known(kind, key) == encoded:
             return
         async with self.db.session() as session:
             await save_state(session, kind, key, value)
         self.stored[(kind, key)] = encoded
+
+    def _known(self, kind: str, key: str) -> str | None:
+        """What this process last read or wrote for (kind, key); "?" when it does not know."""
+        if (kind, key) in self.stored:
+            return self.stored[(kind, key)]
+        return None if kind in self.loaded_kinds else "?"
 
     async def refresh(self, app: Application, update: Update) -> None:  # type: ignore[type-arg]
         """Take over what another process stored for this update's user, chat and conversations."""
@@ -64,12 +69,12 @@ class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[s
         conversations: dict[str, tuple[ConversationHandler, tuple[Any, ...]]] = {}  # type: ignore[type-arg]
         for handler in _persistent_conversations(app):
             try:
-                key = handler._get_key(update)  # python-telegram-bot's own key of this update
+                own_key = handler._get_key(update)  # python-telegram-bot's own key of this update
             except RuntimeError:  # no chat or no user in this update: not part of a conversation
                 continue
             kind = f"conversation:{handler.name}"
-            conversations[kind] = (handler, key)
-            wanted.append((kind, json.dumps(list(key))))
+            conversations[kind] = (handler, own_key)
+            wanted.append((kind, json.dumps(list(own_key))))
         async with self.db.session() as session:
             rows = await session.execute(
                 select(PersistedState.kind, PersistedState.key, PersistedState.value).where(
@@ -80,7 +85,7 @@ class DatabasePersistence(BasePersistence[dict[str, Any], dict[str, Any], dict[s
         for kind, key in wanted:
             value = stored.get((kind, key))
             encoded = _encoded(value)
-            if self.stored.get((kind, key), None if kind in self.loaded_kinds else "?") == encoded:
+            if self._known(kind, key) == encoded:
                 continue  # what this process knows is the latest
             self.stored[(kind, key)] = encoded
             if kind in ("user", "chat"):
