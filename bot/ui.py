@@ -138,6 +138,16 @@ def paginate(items: Sequence[T], page: int, per_page: int, prefix: str) -> tuple
     return chunk, row
 
 
+def trailing_id(data: str | None) -> int | None:
+    """The id at the end of callback data such as ``bc:go:42``; None for anything malformed or out
+    of range (callback data can be forged)."""
+    try:
+        value = int((data or "").rsplit(":", 1)[-1])
+    except ValueError:
+        return None
+    return value if 0 < value < 2**63 else None
+
+
 def parse_page(data: str | None) -> int:
     """The page number at the end of pagination callback data (0 for anything malformed)."""
     try:

@@ -35,7 +35,7 @@ from telegram.warnings import PTBUserWarning
 from bot.context import services, who
 from bot.i18n import LANGUAGES, language_for, t
 from bot.roles import requires
-from bot.ui import MAX_TEXT, Button, answer, edit, escape, reply
+from bot.ui import MAX_TEXT, Button, answer, edit, escape, reply, trailing_id
 from handlers.account import cancel_fallbacks
 from handlers.incidents import duration, place_buttons
 from storage.incidents import (
@@ -320,9 +320,8 @@ async def cancel_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> i
 async def confirm(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Send the draft (once: a second press, or a press in another process, finds it sent)."""
     me = await who(update, context)
-    try:
-        broadcast_id = int((update.callback_query.data or "").rsplit(":", 1)[1])
-    except (IndexError, ValueError):
+    broadcast_id = trailing_id(update.callback_query.data)
+    if broadcast_id is None:
         await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
         return
     svc = services(context)
@@ -410,10 +409,7 @@ async def progress_job(context: ContextTypes.DEFAULT_TYPE) -> None:
 async def cancel_confirmation(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Cancel under a preview: the draft is dropped, nothing is sent."""
     me = await who(update, context)
-    try:
-        broadcast_id = int((update.callback_query.data or "").rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        broadcast_id = 0
+    broadcast_id = trailing_id(update.callback_query.data) or 0
     async with services(context).db.session() as session:
         dropped = await cancel_draft(session, broadcast_id, me.user_id)
     if not dropped:

@@ -27,7 +27,7 @@ from bot.context import services, who
 from bot.dispatcher import render_text
 from bot.i18n import language_for, t
 from bot.roles import requires
-from bot.ui import Button, answer, edit, escape, fit, paginate, parse_page, reply
+from bot.ui import Button, answer, edit, escape, fit, paginate, parse_page, reply, trailing_id
 from handlers.account import cancel_fallbacks
 from storage.incidents import (
     MAX_PLACE_TEXT,
@@ -177,9 +177,8 @@ async def _submit(update: Update, context: ContextTypes.DEFAULT_TYPE, photo: str
 async def take(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """A staff member takes a report: every alert about it shows who, and the reporter is told."""
     me = await who(update, context)
-    try:
-        incident_id = int((update.callback_query.data or "").rsplit(":", 1)[1])
-    except (IndexError, ValueError):
+    incident_id = trailing_id(update.callback_query.data)
+    if incident_id is None:
         await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
         return
     svc = services(context)

@@ -27,7 +27,7 @@ from telegram.ext import (
 
 from bot.context import Who, services, who
 from bot.i18n import catalogue, t
-from bot.ui import Button, answer, edit, escape, paginate, parse_page, reply
+from bot.ui import Button, answer, edit, escape, paginate, parse_page, reply, trailing_id
 from storage.catalog import ON_SHELF, Availability
 from storage.ils import CirculationUnavailable
 from storage.people import Role
@@ -98,16 +98,13 @@ async def details_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     """A result's details: the full record and every copy with its location and status."""
     me = await who(update, context)
     data = update.callback_query.data if update.callback_query else ""
-    try:
-        record_id = int((data or "").rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        record_id = -1
+    record_id = trailing_id(data)
     details = None
-    if 0 < record_id < 2**63:
+    if record_id is not None:
         async with services(context).db.session() as session:
             details = await record_details(session, record_id)
     if details is not None:
-        live = (await _live(context, [record_id])).get(record_id)
+        live = (await _live(context, [details.record_id])).get(details.record_id)
         if live is not None:
             types = {c.barcode: c.item_type for c in details.copies}
             copies = [
