@@ -197,12 +197,13 @@ async def test_random_input_never_crashes_and_never_leaks(abused: dict[str, Any]
             check(abused, role, chat, answer, step)
 
 
-@settings(max_examples=2, deadline=None, derandomize=True, database=None,
+@settings(max_examples=1, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 async def test_every_conversation_state_takes_any_input(abused: dict[str, Any], data: st.DataObject) -> None:
     """Each state of each conversation, entered the way a person enters it and then moved to that
-    step (as an old message's button or a restart can do), gets random input of every kind."""
+    step (as an old message's button or a restart can do), gets random input of every kind. (One
+    example visits every state; the random test above covers the variety.)"""
     surface: Surface = abused["surface"]
     for conversation in surface.conversations:
         entry = next((c for h in conversation.entry_points if isinstance(h, CommandHandler) for c in sorted(h.commands)), None)
