@@ -36,10 +36,10 @@ async def drop_duplicates(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     no answer) sends again. When the database cannot be reached the person is told to try again,
     once, here, and nothing else runs (every handler would fail the same way and answer again).
     """
+    persistence = context.application.persistence
     try:
         async with services(context).db.session() as session:
             first = await claim_update(session, update.update_id)
-        persistence = context.application.persistence
         if first and isinstance(persistence, DatabasePersistence):
             # This chat's last update may have gone to another bot process: take over its state.
             await persistence.refresh(context.application, update)
@@ -47,6 +47,9 @@ async def drop_duplicates(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
         log.warning("database unreachable for update %s: %s", update.update_id, type(exc).__name__)
         await _tell_try_again(update, context)
         raise ApplicationHandlerStop from None
+    except Exception:  # a state that cannot be taken over: go on with what this process knows
+        log.exception("could not take over the stored state for update %s", update.update_id)
+        first = True
     if not first:
         log.info("update %s already processed; ignored", update.update_id)
         raise ApplicationHandlerStop
