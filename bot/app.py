@@ -133,6 +133,9 @@ def build_application(settings: Settings, db: Database, policy: Policy, token: s
         .base_file_url(file_url(settings.telegram_api_url))
         .persistence(DatabasePersistence(db))
         .concurrent_updates(64)
+        # getUpdates gets a pool of its own with room for a second connection: with one, an
+        # interrupted long poll can leave polling waiting for a connection (PoolTimeout).
+        .get_updates_connection_pool_size(2)
         .rate_limiter(BudgetRateLimiter(budget))
         .post_init(_post_init)
         .post_shutdown(_post_shutdown)

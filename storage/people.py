@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import ForeignKey, String, delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -129,9 +130,14 @@ async def touch_user(
     """The user row for ``telegram_id``, created on first contact and kept up to date."""
     user = await session.get(User, telegram_id)
     if user is None:
-        user = User(telegram_id=telegram_id, first_name=first_name[:256], telegram_language=telegram_language)
-        session.add(user)
-        await session.flush()
+        try:
+            async with session.begin_nested():
+                session.add(User(telegram_id=telegram_id, first_name=first_name[:256], telegram_language=telegram_language))
+        except IntegrityError:
+            pass  # a second update from the same new person (a double tap, an album) created it just now
+        found = await session.get(User, telegram_id, populate_existing=True)
+        assert found is not None
+        return found
     else:
         if first_name and user.first_name != first_name[:256]:
             user.first_name = first_name[:256]

@@ -12,6 +12,7 @@ from storage.people import (
     LoginOutcome,
     Reader,
     Role,
+    User,
     add_staff,
     create_invite,
     hash_pin,
@@ -116,3 +117,15 @@ async def test_a_real_clock_time_works_too(db: Database) -> None:
     async with db.session() as s:
         code = await create_invite(s, Role.STAFF, utcnow())
         assert (await redeem_invite(s, code, 1, "A", utcnow()))[0] is InviteOutcome.GRANTED
+
+
+async def test_two_first_messages_at_once_create_one_user(db: Database) -> None:
+    import asyncio
+
+    async def first_contact() -> int:
+        async with db.session() as s:
+            return (await touch_user(s, 4242, "Ann", "en")).telegram_id
+
+    assert await asyncio.gather(*(first_contact() for _ in range(5))) == [4242] * 5
+    async with db.session() as s:
+        assert (await s.get(User, 4242)) is not None
