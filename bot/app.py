@@ -11,7 +11,7 @@ from telegram import Update
 from telegram.ext import Application, ContextTypes, TypeHandler
 
 from bot.commands import set_default_menu, set_personal_menu
-from bot.context import Services, services
+from bot.context import Services, language_without_store, services
 from bot.dispatcher import BudgetRateLimiter, Dispatcher, SendBudget
 from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_processed
 from bot.persistence import DatabasePersistence
@@ -82,14 +82,11 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     if isinstance(update, Update) and update.effective_chat is not None and update.effective_user is not None:
         key = "common.try_again_later" if database_down else "common.error"
         try:
-            await reply(update, context, key, lang=_fallback_language(update, context))
+            await reply(update, context, key, lang=language_without_store(update, context))
         except Exception:  # nothing more can be done for this update
             log.warning("could not tell the person about the error")
 
 
-def _fallback_language(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
-    code = (update.effective_user.language_code or "") if update.effective_user else ""
-    return "zh" if code.startswith("zh") else "en" if code.startswith("en") else services(context).default_language
 
 
 async def _post_init(app: Application) -> None:  # type: ignore[type-arg]

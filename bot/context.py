@@ -46,6 +46,12 @@ def services(context: ContextTypes.DEFAULT_TYPE | Application) -> Services:  # t
     return svc
 
 
+def language_without_store(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
+    """The person's language from Telegram alone, for when the store cannot be asked (it is down)."""
+    code = update.effective_user.language_code if update.effective_user else None
+    return language_for(None, code, services(context).default_language)
+
+
 @dataclass(frozen=True)
 class Who:
     """The person behind an update, as far as the library is concerned."""

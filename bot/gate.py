@@ -12,7 +12,7 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
-from bot.context import services
+from bot.context import language_without_store, services
 from bot.persistence import DatabasePersistence
 from bot.ui import reply
 from storage.state import claim_update
@@ -59,8 +59,7 @@ async def _tell_try_again(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     """"Nothing was saved, try again" in the person's Telegram language (the store is unreachable)."""
     if update.effective_chat is None:
         return
-    code = (update.effective_user.language_code or "") if update.effective_user else ""
-    lang = "zh" if code.startswith("zh") else "en" if code.startswith("en") else services(context).default_language
+    lang = language_without_store(update, context)
     try:
         if update.callback_query is not None:
             from bot.ui import answer
