@@ -270,6 +270,9 @@ async def main() -> None:
         "--show-misses", action="store_true", help="list the queries the engine did not answer"
     )
     args = parser.parse_args()
+    if not args.db and not args.data.exists():
+        sys.exit(f"bench/search.py: the catalog {args.data} is missing; it comes from the project's shared "
+                 "data set (../shared/data/catalog beside the repository), or pass --data PATH")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     path = args.db or tmp / "search.db"

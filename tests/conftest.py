@@ -1,5 +1,5 @@
 """Shared fixtures: a real database (SQLite file, or PostgreSQL when LIBRARYBOT_TEST_DATABASE_URL is
-set), the shared catalog data, and a running bot talking HTTP to the Bot API emulator."""
+set), and a running bot talking HTTP to the Bot API emulator."""
 
 from __future__ import annotations
 
@@ -18,12 +18,6 @@ if TYPE_CHECKING:
 from storage.models import create_schema
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared real data (catalog files, SIP2 recordings)."""
-    return Path(os.environ.get("LIBRARYBOT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 async def _fresh_database(tmp_path: Path) -> Database:

@@ -35,6 +35,9 @@ from storage.search import SearchTerm
 
 DEMO = Path(__file__).resolve().parents[1] / "bot" / "demo_data"
 CHINESE_SLICE = DEMO / "loc-books-chinese-slice.mrc"
+SAMPLE = DEMO / "loc-books-sample-1000.mrc"  # the same bytes as shared/data/catalog/…
+CNMARC = DEMO / "cnmarc-sru-sample-10.xml"
+BROKEN = Path(__file__).resolve().parent / "data" / "broken"  # pymarc's test files
 
 
 async def count(db: Database, model: type) -> int:
@@ -49,8 +52,8 @@ async def record(db: Database, control_number: str) -> Record:
     return found
 
 
-async def test_sample_imports_completely_and_a_rerun_changes_nothing(db: Database, shared_data: Path) -> None:
-    sample = shared_data / "catalog" / "loc-books-sample-1000.mrc"
+async def test_sample_imports_completely_and_a_rerun_changes_nothing(db: Database) -> None:
+    sample = SAMPLE
     first = await import_catalog(db, [sample], progress=False)
     assert (first.imported, first.updated, first.unchanged, first.skipped) == (1000, 0, 0, 0)
     assert first.lines()[0].startswith("imported 1000, updated 0, unchanged 0, skipped 0")
@@ -100,8 +103,8 @@ async def test_original_script_fields_are_linked_and_shown_first(db: Database) -
     ]
 
 
-async def test_cnmarc_sru_response(db: Database, shared_data: Path) -> None:
-    path = shared_data / "catalog" / "cnmarc-sru-sample-10.xml"
+async def test_cnmarc_sru_response(db: Database) -> None:
+    path = CNMARC
     assert detect_format(path) == "cnmarc"
     report = await import_catalog(db, [path], progress=False)
     assert (report.imported, report.skipped) == (10, 0)
@@ -118,9 +121,9 @@ async def test_cnmarc_sru_response(db: Database, shared_data: Path) -> None:
     assert "叶震 (Xie Zhen)" in first.details["names"]  # the record's own (wrong) romanisation, kept
 
 
-async def test_broken_files_never_abort_and_say_why(db: Database, shared_data: Path) -> None:
+async def test_broken_files_never_abort_and_say_why(db: Database) -> None:
     broken = sorted(
-        p for p in (shared_data / "catalog" / "broken").iterdir() if not p.name.startswith("LICENSE")
+        p for p in BROKEN.iterdir() if not p.name.startswith("LICENSE")
     )
     report = await import_catalog(db, broken, progress=False)
     reasons = {(source, position): reason for source, position, reason in report.skips}
@@ -174,7 +177,7 @@ def test_invalid_utf8_is_a_skip_with_a_reason() -> None:
 
 
 async def test_marcxml_and_gzip(db: Database, shared_data: Path, tmp_path: Path) -> None:
-    sample = shared_data / "catalog" / "loc-books-sample-1000.mrc"
+    sample = SAMPLE
     with sample.open("rb") as f:
         records = [r for _, r in zip(range(20), pymarc.MARCReader(f, to_unicode=True), strict=False)]
     xml = tmp_path / "export.xml"

@@ -8,11 +8,8 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
 import socket
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,16 +22,9 @@ from storage.sip2.errors import (
     Sip2LoginRefused,
     Sip2Unavailable,
 )
-from storage.sip2.replay import SYNTHETIC_PIN, ReplayServer
+from storage.sip2.replay import SYNTHETIC_PIN, ReplayServer, default_exchanges_path
 
-
-def shared_data() -> Path:
-    """``$LIBRARYBOT_SHARED_DATA``, else ``shared/data`` beside the repository."""
-    override = os.environ.get("LIBRARYBOT_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-EXCHANGES_PATH = shared_data() / "sip2" / "evergreen-sipserver-exchanges.json"
+EXCHANGES_PATH = default_exchanges_path()
 
 RECORDED_AT = dt.datetime(2026, 11, 26, 5, 29, 10)  # the transaction time in the recordings' first pass
 
@@ -258,14 +248,12 @@ async def test_pool_spreads_concurrent_requests_over_connections(server: ReplayS
     server.latency = 0.05
     async with Sip2Pool(config_for(server, pool_size=4)) as pool:
         await pool.login()
-        started = time.perf_counter()
         items = await asyncio.gather(
             *(pool.item_information(b) for b in server.synthetic_items("reader30")[:8])
         )
-        elapsed = time.perf_counter() - started
     assert all(item.found for item in items)
     assert server.connections_seen == 4
-    assert elapsed < 8 * 0.05 * 0.75  # two rounds of four, not eight in a row
+    assert server.most_in_flight == 4  # four asked at once, not eight in a row
 
 
 async def test_pool_reads_a_reader_with_thirty_loans(server: ReplayServer) -> None:
@@ -320,12 +308,10 @@ async def test_closed_pool_refuses_work(server: ReplayServer) -> None:
 
 async def test_silent_server_gives_unavailable_in_time() -> None:
     async with ReplayServer(EXCHANGES_PATH, silent=True) as silent:
-        started = time.perf_counter()
         async with Sip2Client(config_for(silent, timeout=0.3)) as client:
             with pytest.raises(Sip2Unavailable, match="did not answer our login within 0.3 s"):
                 await client.patron_information("djfiander", "6789")
-        assert time.perf_counter() - started < 1.5
-        assert silent.count("93") == 1
+        assert silent.count("93") == 1  # one login, given up after the timeout, never retried
 
 
 async def test_silent_after_login_gives_unavailable_and_no_retry_for_renew(server: ReplayServer) -> None:

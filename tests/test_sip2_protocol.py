@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,20 +18,12 @@ from hypothesis import strategies as st
 
 from storage.sip2 import protocol as p
 from storage.sip2.errors import Sip2Error
+from storage.sip2.replay import default_exchanges_path
 
-
-def shared_data() -> Path:
-    """``$LIBRARYBOT_SHARED_DATA``, else ``shared/data`` beside the repository."""
-    override = os.environ.get("LIBRARYBOT_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-EXCHANGES_PATH = shared_data() / "sip2" / "evergreen-sipserver-exchanges.json"
+EXCHANGES_PATH = default_exchanges_path()
 
 
 def _exchanges() -> list[dict[str, Any]]:
-    if not EXCHANGES_PATH.exists():
-        return []
     return json.loads(EXCHANGES_PATH.read_text(encoding="utf-8"))["exchanges"]
 
 

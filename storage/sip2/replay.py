@@ -1,7 +1,7 @@
 """A small SIP2 server that answers as a recorded one did, for tests, the demo and the benchmark.
 
 ``ReplayServer`` loads request/response pairs recorded from a real server (the Evergreen SIPServer
-recordings in ``shared/data/sip2``) and answers each request with the response recorded for the
+recordings in ``storage/sip2/recordings``, a copy of ``shared/data/sip2``) and answers each request with the response recorded for the
 request with the same message code and key fields (patron AA, item AB, PIN AD, summary…), never
 looking at timestamps, sequence numbers or checksums. It then fixes the response's ``AY``/``AZ``
 to match the incoming request: error detection on when the request carried it, off otherwise.
@@ -36,7 +36,7 @@ import logging
 import os
 import signal
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from storage.sip2.errors import Sip2Error
 log = logging.getLogger(__name__)
 
 SYNTHETIC_PIN = "1234"
-EXCHANGES_FILE = Path("sip2") / "evergreen-sipserver-exchanges.json"
+RECORDINGS = Path(__file__).resolve().parent / "recordings"
 
 # Which fields pick a recorded answer: all of the first group must match; among those, the record
 # matching most of the second group wins. Names not of the form XX are fixed fields.
@@ -69,11 +69,8 @@ KEY_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def default_exchanges_path() -> Path:
-    """The recorded exchanges: ``$LIBRARYBOT_SHARED_DATA/sip2/…``, else ``../shared/data/sip2/…``
-    relative to the repository root."""
-    override = os.environ.get("LIBRARYBOT_SHARED_DATA")
-    base = Path(override) if override else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return base / EXCHANGES_FILE
+    """The recorded exchanges shipped with the package (``storage/sip2/recordings``)."""
+    return RECORDINGS / "evergreen-sipserver-exchanges.json"
 
 
 @dataclass
@@ -132,8 +129,10 @@ class ReplayServer:
         require_login: bool = True,
         resend_strips_error_detection: bool = True,
         synthetic_patrons: Mapping[str, int] | None = None,
+        clock: Callable[[], dt.datetime] = dt.datetime.now,
     ) -> None:
         self.host = host
+        self.clock = clock  # the server's local time: its timestamps and the synthetic due dates
         self.port = port
         self.encoding = p.check_encoding(encoding)
         self.latency = latency
@@ -143,6 +142,8 @@ class ReplayServer:
         self.resend_strips_error_detection = resend_strips_error_detection
         self.received: list[str] = []
         self.connections_seen = 0
+        self.in_flight = 0  # requests received and not yet answered, and the most at any moment
+        self.most_in_flight = 0
         self._recorded = self._load(Path(exchanges_path))
         self._logins = {
             (r.request.get("CN"), r.request.get("CO"))
@@ -267,8 +268,13 @@ class ReplayServer:
                 self.received.append(data.decode(self.encoding, errors="replace"))
                 if self.silent:
                     continue
-                if self.latency:
-                    await asyncio.sleep(self.latency)
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+                try:
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
+                finally:
+                    self.in_flight -= 1
                 answer = self._answer(conn, data)
                 if answer:
                     writer.write(answer)
@@ -428,10 +434,11 @@ class ReplayServer:
         )
 
     def _synthesise(self, req: p.Sip2Message) -> str | None:
-        now = p.format_timestamp(dt.datetime.now())
+        local_now = self.clock().replace(microsecond=0)
+        now = p.format_timestamp(local_now)
         institution = req.get("AO") or ""
         item_id = req.get("AB") or ""
-        due = p.format_timestamp(dt.datetime.now().replace(microsecond=0) + dt.timedelta(days=14))
+        due = p.format_timestamp(local_now + dt.timedelta(days=14))
         if req.code == "17":
             patron, n = self._synthetic_items[item_id]
             fields = [
