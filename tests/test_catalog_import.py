@@ -176,7 +176,7 @@ def test_invalid_utf8_is_a_skip_with_a_reason() -> None:
         parse_binary(data)
 
 
-async def test_marcxml_and_gzip(db: Database, shared_data: Path, tmp_path: Path) -> None:
+async def test_marcxml_and_gzip(db: Database, tmp_path: Path) -> None:
     sample = SAMPLE
     with sample.open("rb") as f:
         records = [r for _, r in zip(range(20), pymarc.MARCReader(f, to_unicode=True), strict=False)]
