@@ -486,7 +486,7 @@ async def my_registrations(session: AsyncSession, telegram_id: int, now: dt.date
         )
         .order_by(Event.starts_at, Event.id)
     )
-    return [(reg, event) for reg, event in rows.tuples()]
+    return [(reg, event) for reg, event in rows]
 
 
 async def registrants(session: AsyncSession, event_id: int) -> list[EventRegistration]:
@@ -720,7 +720,7 @@ async def queue_reminders(session: AsyncSession, *, now: dt.datetime, tz: ZoneIn
                EventRegistration.status == RegStatus.REGISTERED)
         .order_by(Event.starts_at, EventRegistration.id)
     )
-    for reg, event in rows.tuples():
+    for reg, event in rows:
         due = [(name, delta) for name, delta in REMINDERS if now >= event.starts_at - delta]
         name, _ = min(due, key=lambda item: item[1])
         stamp = int(event.starts_at.timestamp())
@@ -747,7 +747,7 @@ async def queue_feedback_requests(session: AsyncSession, *, now: dt.datetime, tz
         .order_by(EventRegistration.id)
     )
     queued = 0
-    for reg, event in rows.tuples():
+    for reg, event in rows:
         done = await enqueue(
             session, reg.telegram_id, "events.push_feedback", _params(event, tz, policy), kind="event",
             priority=Priority.BULK, dedupe_key=f"ev:{event.id}:fb:{reg.id}", buttons=rating_buttons(reg.id),
