@@ -35,8 +35,8 @@ from storage.events import (
     queue_reminders,
     rate,
     register,
-    registrants_csv,
     registrants,
+    registrants_csv,
     toggle_subscription,
     waiting_position,
 )

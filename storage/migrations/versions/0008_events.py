@@ -9,7 +9,6 @@ from alembic import op
 
 import storage.db
 
-
 revision = '0008'
 down_revision = '0002'
 branch_labels = None
