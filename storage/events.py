@@ -39,7 +39,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, utcnow
 from storage.outbox import Priority, enqueue
-from storage.people import User
+from storage.people import User, reader_of
 from storage.policy import Policy
 
 CATEGORIES = ("lecture", "training", "exhibition", "culture", "children", "workshop", "reading", "other")
@@ -558,7 +558,8 @@ async def register(
     """Register ``telegram_id`` for the event: a seat when one is free, otherwise the waiting list.
 
     One registration per person and event (a unique constraint: a double press registers once); a
-    person who cancelled may register again, at the end of the queue.
+    person who cancelled may register again, at the end of the queue. ``name`` is kept for the
+    staff's door list (the name on the linked card replaces it).
     """
     event = await session.get(Event, event_id)
     if event is None:
@@ -568,6 +569,8 @@ async def register(
     closed = registration_closed(event, now)
     if closed is not None:
         return Registration(Outcome(closed.value))
+    card = await reader_of(session, telegram_id)
+    name = card.name if card is not None else name  # the door list shows the name on the card
     reg = await registration_of(session, event_id, telegram_id)
     if reg is not None and reg.status != RegStatus.CANCELLED:
         return Registration(Outcome.ALREADY, reg, await waiting_position(session, reg) if reg.status == RegStatus.WAITLISTED else None)
