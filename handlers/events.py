@@ -806,7 +806,6 @@ async def reminders_job(context: ContextTypes.DEFAULT_TYPE) -> None:
 
 def register(app: Application) -> None:  # type: ignore[type-arg]
     """/events, /myevents, /checkin, the event buttons, the staff's form and the reminder job."""
-    private = filters.ChatType.PRIVATE
     words = filters.TEXT & ~filters.COMMAND
     anything = ~filters.COMMAND
     with warnings.catch_warnings():
@@ -848,7 +847,7 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(conversation)
     app.add_handler(CommandHandler("events", events_command))
     app.add_handler(CommandHandler("myevents", myevents_command))
-    app.add_handler(CommandHandler("checkin", checkin_command, filters=private))
+    app.add_handler(CommandHandler("checkin", checkin_command))  # also from the staff group: the role is the sender's
     app.add_handler(CallbackQueryHandler(list_pressed, pattern=r"^ev:l:[a-z-]+:\d+$"))
     app.add_handler(CallbackQueryHandler(filter_pressed, pattern=r"^ev:f$"))
     app.add_handler(CallbackQueryHandler(details_pressed, pattern=r"^ev:d:\d+$"))

@@ -187,3 +187,23 @@ async def test_staff_create_change_cancel_and_subscribers(bot_env: EmbeddedBot) 
     assert "cancelled; 1 people are told" in texts(await staff.press("Yes, cancel it and tell everyone"))
     await fang.wait_for(containing("has been cancelled"))
     assert "No upcoming events" in texts(await fang.send("/events"))
+
+
+async def test_five_a_page_and_the_category_filter(bot_env: EmbeddedBot) -> None:
+    await setup(bot_env)
+    first = bot_env.now() + dt.timedelta(days=1)
+    async with bot_env.db.session() as s:
+        for n in range(7):
+            starts = first + dt.timedelta(days=n)
+            await create_event(
+                s, EventDraft(title_zh=f"活动{n}", title_en=f"Event {n}", starts_at=starts, ends_at=starts + dt.timedelta(hours=1),
+                              place="1F", category="children" if n in (2, 6) else "lecture"),
+                now=bot_env.now(), tz=bot_env.settings.tz, policy=bot_env.policy)
+    fang = await watch(bot_env, FANG)
+    page = texts(await fang.send("/events"))
+    assert "(1–5 of 7)" in page and "Event 4" in page and "Event 5" not in page and "Seats left: no limit" in page
+    page = texts(await fang.press("ev:l:-:1"))  # Next
+    assert "(6–7 of 7)" in page and "Event 6" in page and "Event 0" not in page
+    await fang.press("🔎 Category")
+    children = texts(await fang.press("Children"))
+    assert "in “Children”" in children and "(1–2 of 2)" in children and "Event 2" in children and "Event 0" not in children

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -37,7 +38,9 @@ from storage.events import (
     register,
     registrants,
     registrants_csv,
+    seed_demo,
     toggle_subscription,
+    upcoming,
     waiting_position,
 )
 from storage.outbox import Delivery
@@ -281,3 +284,24 @@ async def test_ics_and_codes() -> None:
     assert all(len(line.encode()) <= 75 for line in text.split("\r\n"))
     code = new_code()
     assert len(code) == 6 and normalise_code(f" {code[:2].lower()} {code[2:]} ") == code
+
+
+async def test_demo_has_a_lecture_a_story_hour_and_a_repair_workshop(db: Database) -> None:
+    async with db.session() as s:
+        await seed_demo(s, POLICY, NOW, random.Random(1), [])
+        events = await upcoming(s, NOW)
+    assert [e.category for e in events] == ["lecture", "children", "workshop"]
+    assert "Rare-book repair" in events[2].title_en and events[2].audience == "readers"
+    assert all(e.starts_at > NOW for e in events)
+
+
+async def test_a_larger_capacity_seats_the_waiting_list_in_order(db: Database) -> None:
+    event_id = await make_event(db, capacity=1)
+    for person in (1, 2, 3, 4):
+        await sign_up(db, event_id, person)
+    async with db.session() as s:
+        changed = await change_event(s, event_id, now=NOW, tz=TZ, policy=POLICY, capacity=3)
+        assert changed.event is not None and changed.told == 0  # not a change of time or place
+    assert await pushes(db, "events.push_promoted") == [2, 3]
+    async with db.session() as s:
+        assert [r.telegram_id for r in await registrants(s, event_id) if r.status == "waitlisted"] == [4]
