@@ -511,7 +511,7 @@ def _step_buttons(context: ContextTypes.DEFAULT_TYPE, state: str, lang: str) -> 
 
 async def form_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
     me = await who(update, context)
-    start = _parse_time(update.message.text or "" if update.message else "", context)
+    start = _parse_time((update.message.text or "") if update.message else "", context)
     if start is None:
         await reply(update, context, "events.bad_time", lang=me.lang)
         return START
@@ -727,6 +727,9 @@ async def place_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
 
 async def _apply_change(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, **change: Any) -> int:
     event_id = (context.user_data or {}).pop(TARGET, None)
+    if not me.is_staff:  # the role may have been withdrawn since the step began
+        await reply(update, context, "common.not_allowed", lang=me.lang)
+        return ConversationHandler.END
     svc = services(context)
     async with svc.db.session() as session:
         changed = await change_event(session, int(event_id or 0), now=svc.now(), tz=svc.tz, policy=svc.policy, **change)

@@ -178,6 +178,12 @@ async def test_staff_create_change_cancel_and_subscribers(bot_env: EmbeddedBot) 
     assert "4F Study rooms" in (await fang.wait_for(containing("Change to")))[-1]["text"]
     await staff.send("/events")
     await staff.press("1. Rare-book repair workshop")
+    assert "The new start" in texts(await staff.press("Change time"))
+    assert "1 registrants are told" in texts(await staff.send(start.strftime("%Y-%m-%d 15:00")))
+    moved = await fang.wait_for(lambda m: "Change to" in (m["text"] or "") and "15:00–17:30" in m["text"])
+    assert "4F Study rooms" in moved[-1]["text"]
+    await staff.send("/events")
+    await staff.press("1. Rare-book repair workshop")
     sheet = await files(staff, await staff.press("Registrants (CSV)"), "document")
     rows = (await document_text(bot_env, sheet)).decode().splitlines()
     assert rows[0].startswith("event_id,title,name,telegram_id,status") and f",{FANG},registered," in rows[1]
