@@ -56,6 +56,7 @@ from storage.events import (
     change_event,
     check_in,
     create_event,
+    fill_free_seats,
     get_event,
     ics,
     local_time,
@@ -67,6 +68,7 @@ from storage.events import (
     registrants,
     registrants_csv,
     registration_of,
+    set_organiser,
     subscriptions,
     toggle_subscription,
     upcoming,
@@ -77,6 +79,7 @@ from storage.events import (
     register as register_for_event,
 )
 from storage.people import Role
+from storage.tickets import staff_name
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,7 @@ async def _show_details(update: Update, context: ContextTypes.DEFAULT_TYPE, me: 
         mine = await registration_of(session, event.id, me.user_id)
         position = await waiting_position(session, mine) if mine and mine.status == RegStatus.WAITLISTED else None
         everyone = await registrants(session, event.id) if me.is_staff else []
+        organiser = await staff_name(session, event.organiser_staff_id) if event.organiser_staff_id else "—"
     if event.registration_opens and svc.now() < event.registration_opens:
         window = t(me.lang, "events.window_from", opens=local_time(event.registration_opens, svc.tz),
                    closes=local_time(event.registration_closes or event.starts_at, svc.tz))
@@ -232,7 +236,8 @@ async def _show_details(update: Update, context: ContextTypes.DEFAULT_TYPE, me: 
         extra.append(t(me.lang, "events.staff_line", registered=len(seated),
                        waiting=sum(r.status == RegStatus.WAITLISTED for r in everyone),
                        checked=sum(r.checked_in_at is not None for r in seated)))
-        buttons.append([("events.btn_registrants", f"ev:csv:{event.id}")])
+        extra.append(t(me.lang, "events.organiser_line", name=escape(organiser)))
+        buttons.append([("events.btn_registrants", f"ev:csv:{event.id}"), ("events.btn_organise", f"ev:org:{event.id}")])
         if event.status == EventStatus.SCHEDULED:
             buttons += [[("events.btn_edit_time", f"ev:e:time:{event.id}"), ("events.btn_edit_place", f"ev:e:place:{event.id}")],
                         [("events.btn_edit_capacity", f"ev:e:cap:{event.id}"), ("events.btn_cancel_event", f"ev:c:{event.id}")]]
@@ -770,6 +775,21 @@ async def cancel_event_pressed(update: Update, context: ContextTypes.DEFAULT_TYP
     await edit(update, context, "events.event_cancelled", lang=me.lang, id=done.event.id, told=done.told)
 
 
+async def organise_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``ev:org:<id>``: the presser becomes the staff member responsible (ratings count for them)."""
+    me = await _staff(update, context)
+    if me is None:
+        return
+    event_id = _int(_parts(update)[-1])
+    async with services(context).db.session() as session:
+        event = await set_organiser(session, event_id, me.user_id) if event_id else None
+    if event is None:
+        await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
+        return
+    await answer(update, context, "events.organiser_set", lang=me.lang)
+    await _show_details(update, context, me, event.id, replace=True)
+
+
 async def csv_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """``ev:csv:<id>``: the registrants as a CSV file."""
     me = await _staff(update, context)
@@ -802,6 +822,7 @@ async def reminders_job(context: ContextTypes.DEFAULT_TYPE) -> None:
     async with svc.db.session() as session:
         queued = await queue_reminders(session, now=now, tz=svc.tz, policy=svc.policy)
         queued += await queue_feedback_requests(session, now=now, tz=svc.tz, policy=svc.policy)
+        queued += await fill_free_seats(session, now=now, tz=svc.tz, policy=svc.policy)
     if queued:
         log.info("events: %d reminders and feedback requests queued", queued)
         _wake(context)
@@ -863,6 +884,7 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(CallbackQueryHandler(place_pressed, pattern=r"^ev:pl:\d+:[^:]+$"))
     app.add_handler(CallbackQueryHandler(cancel_event_pressed, pattern=r"^ev:cc?:\d+$"))
     app.add_handler(CallbackQueryHandler(csv_pressed, pattern=r"^ev:csv:\d+$"))
+    app.add_handler(CallbackQueryHandler(organise_pressed, pattern=r"^ev:org:\d+$"))
     if app.job_queue is not None:
         app.job_queue.run_repeating(reminders_job, interval=JOB_EVERY, first=20, name="events.reminders")
 

@@ -823,9 +823,44 @@ async def toggle_subscription(session: AsyncSession, telegram_id: int, category:
 
 
 async def forget_person(session: AsyncSession, telegram_id: int) -> None:
-    """/forgetme: the person's subscriptions go; registrations keep no name."""
+    """/forgetme: the person's subscriptions and comments go; their seats are given up (the reminder
+    job hands them to the waiting list) and their registrations stay only as anonymous counts for
+    the statistics (no Telegram id, no name)."""
     await session.execute(delete(EventSubscription).where(EventSubscription.telegram_id == telegram_id))
-    await session.execute(update(EventRegistration).where(EventRegistration.telegram_id == telegram_id).values(name=""))
+    mine = list(await session.scalars(select(EventRegistration).where(EventRegistration.telegram_id == telegram_id)))
+    for reg in mine:
+        if reg.status == RegStatus.REGISTERED and reg.checked_in_at is None:
+            await _free_seat(session, reg.event_id)
+        if reg.status != RegStatus.CANCELLED and reg.checked_in_at is None:
+            reg.status, reg.cancelled_at = RegStatus.CANCELLED, utcnow()
+        reg.telegram_id, reg.name = -reg.id, ""  # unique per event, and nobody's id
+    if mine:
+        await session.execute(
+            update(EventFeedback).where(EventFeedback.registration_id.in_([r.id for r in mine])).values(comment=None)
+        )
+
+
+async def fill_free_seats(session: AsyncSession, *, now: dt.datetime, tz: ZoneInfo, policy: Policy) -> int:
+    """Give every free seat of an event not yet started to its waiting list (after a /forgetme, or
+    anything else that freed a seat without promoting); the number of people promoted."""
+    waiting = select(EventRegistration.event_id).where(EventRegistration.status == RegStatus.WAITLISTED)
+    events = await session.scalars(
+        select(Event).where(Event.status == EventStatus.SCHEDULED, Event.starts_at > now, Event.id.in_(waiting),
+                            or_(Event.capacity == 0, Event.seats_taken < Event.capacity))
+    )
+    promoted = 0
+    for event in list(events):
+        promoted += len(await fill_seats(session, event, now=now, tz=tz, policy=policy))
+    return promoted
+
+
+async def set_organiser(session: AsyncSession, event_id: int, staff_id: int) -> Event | None:
+    """Make ``staff_id`` the staff member responsible for the event (its later ratings count for them)."""
+    event = await session.get(Event, event_id)
+    if event is None:
+        return None
+    event.organiser_staff_id = staff_id
+    return event
 
 
 # --------------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ async def test_staff_create_change_cancel_and_subscribers(bot_env: EmbeddedBot) 
     # A new place is told to every registrant; the registrants as CSV.
     await staff.send("/events")
     view = texts(await staff.press("1. Rare-book repair workshop"))
-    assert "1 registered, 0 waiting" in view
+    assert "1 registered, 0 waiting" in view and "Organiser: Li Na" in view
     await staff.press("Change place")
     assert "1 registrants are told" in texts(await staff.press("4F Study rooms"))
     assert "4F Study rooms" in (await fang.wait_for(containing("Change to")))[-1]["text"]

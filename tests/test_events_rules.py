@@ -22,12 +22,15 @@ from storage.events import (
     EventRegistration,
     Outcome,
     Rated,
+    add_comment,
     cancel_event,
     cancel_registration,
     change_event,
     check_in,
     create_event,
     event_stats,
+    fill_free_seats,
+    forget_person,
     ics,
     import_events,
     new_code,
@@ -39,6 +42,8 @@ from storage.events import (
     registrants,
     registrants_csv,
     seed_demo,
+    set_organiser,
+    subscriptions,
     toggle_subscription,
     upcoming,
     waiting_position,
@@ -305,3 +310,37 @@ async def test_a_larger_capacity_seats_the_waiting_list_in_order(db: Database) -
     assert await pushes(db, "events.push_promoted") == [2, 3]
     async with db.session() as s:
         assert [r.telegram_id for r in await registrants(s, event_id) if r.status == "waitlisted"] == [4]
+
+
+async def test_forgetting_a_person_gives_up_their_seat_and_keeps_only_counts(db: Database) -> None:
+    event_id = await make_event(db, capacity=1)
+    await sign_up(db, event_id, 1)
+    await sign_up(db, event_id, 2)
+    async with db.session() as s:
+        await toggle_subscription(s, 1, "lecture")
+        await forget_person(s, 1)
+    async with db.session() as s:
+        regs = await registrants(s, event_id)
+        assert all(r.telegram_id != 1 and r.name != "P1" for r in regs)
+        assert await subscriptions(s, 1) == set()
+        assert await fill_free_seats(s, now=NOW, tz=TZ, policy=POLICY) == 1
+        assert await fill_free_seats(s, now=NOW, tz=TZ, policy=POLICY) == 0
+    assert await pushes(db, "events.push_promoted") == [2]
+    async with db.session() as s:
+        stats = await event_stats(s, None, None, NOW)
+    assert (stats.registrations, stats.promotions) == (2, 1)
+
+
+async def test_ratings_count_for_the_organiser_at_the_time(db: Database) -> None:
+    event_id = await make_event(db)
+    await sign_up(db, event_id, 1)
+    async with db.session() as s:
+        reg = (await registrants(s, event_id))[0]
+        await check_in(s, reg.code, staff_id=ORGANISER, now=START)
+        event = await set_organiser(s, event_id, 9005)
+        assert event is not None
+        assert await rate(s, reg.id, 1, 3, now=START + dt.timedelta(hours=2)) == Rated.SAVED
+        assert await add_comment(s, reg.id, 1, "  Too short  ") is True
+        assert await add_comment(s, reg.id, 1, "again") is False
+        feedback = await s.scalar(select(EventFeedback))
+    assert feedback is not None and (feedback.organiser_staff_id, feedback.comment) == (9005, "Too short")
