@@ -39,7 +39,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, utcnow
 from storage.outbox import Priority, enqueue
-from storage.people import User, reader_of
+from storage.people import StaffMember, User, reader_of
 from storage.policy import Policy
 
 CATEGORIES = ("lecture", "training", "exhibition", "culture", "children", "workshop", "reading", "other")
@@ -1066,5 +1066,15 @@ async def seed_demo(session: AsyncSession, policy: Policy, now: dt.datetime, rng
             starts_at=at(7, 14), ends_at=at(7, 16, 30), place="B1", capacity=2, category="workshop", audience="readers",
         ),
     ]
+    organiser = await session.scalar(select(StaffMember.telegram_id).order_by(StaffMember.telegram_id).limit(1))
+    made = []
     for draft in drafts:
-        await create_event(session, draft, now=now, tz=tz, policy=policy)
+        created = await create_event(session, draft, now=now, tz=tz, policy=policy, organiser_staff_id=organiser)
+        assert created.event is not None, created.problem
+        made.append(created.event)
+    # The sample readers: everyone at the lecture; the workshop full, with the third on its waiting list.
+    readers = list(reader_ids)
+    for telegram_id in readers:
+        await register(session, made[0].id, telegram_id, name="", is_reader=True, now=now)
+    for telegram_id in readers[:3]:
+        await register(session, made[2].id, telegram_id, name="", is_reader=True, now=now)

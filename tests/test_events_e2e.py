@@ -5,16 +5,22 @@ subscriptions. Every time is relative to the bot's own clock (moved forward by t
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
 import aiohttp
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from bot.embedded import EmbeddedBot
-from bot.emulator import Person
-from storage.events import EventDraft, EventFeedback, EventRegistration, create_event
+from bot.embedded import STAFF_CHAT_ID, TOKEN, EmbeddedBot
+from bot.emulator import Emulator, Person
+from bot.runner import start_bot, stop_bot
+from bot.settings import Settings
+from storage.db import Database
+from storage.events import EventDraft, EventFeedback, EventRegistration, create_event, register
+from storage.outbox import Delivery
 from storage.people import Reader, Role, User, add_staff
+from storage.policy import Policy
 from tests.auxil.chat import relax_flood_control
 
 FANG, MING, STAFF = 301, 302, 9001
@@ -213,3 +219,58 @@ async def test_five_a_page_and_the_category_filter(bot_env: EmbeddedBot) -> None
     await fang.press("🔎 Category")
     children = texts(await fang.press("Children"))
     assert "in “Children”" in children and "(1–2 of 2)" in children and "Event 2" in children and "Event 0" not in children
+
+
+async def test_two_bot_processes_send_each_reminder_once(db: Database) -> None:
+    """Two bot applications, each with its own connection pool (as two processes have), run the
+    reminder job at the same moment, twice over, and after a restart of one: every registrant gets
+    exactly one 24-hour reminder, delivered once by the two outbox dispatchers."""
+    emulator = Emulator(token=TOKEN)
+    await emulator.start()
+    policy = Policy()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, database_url=db.url, telegram_api_url=emulator.base_url, staff_chat_id=STAFF_CHAT_ID, language="en",
+    )
+    dbs = [Database(db.url), Database(db.url)]
+    apps = [await start_bot(settings, d, policy, TOKEN, poll=False) for d in dbs]
+    people = list(range(5001, 5013))
+    try:
+        now = apps[0].bot_data["services"].now()
+        start = now + dt.timedelta(days=2)
+        async with db.session() as s:
+            created = await create_event(
+                s, EventDraft(title_zh="讲座", title_en="Twin lecture", starts_at=start, ends_at=start + dt.timedelta(hours=1),
+                              place="3F", category="lecture"), now=now, tz=settings.tz, policy=policy)
+            assert created.event is not None
+            for person in people:
+                s.add(User(telegram_id=person, first_name="R", telegram_language="en"))
+                await register(s, created.event.id, person, name="R", is_reader=True, now=now)
+        for app in apps:
+            app.bot_data["services"].clock_offset = dt.timedelta(days=1, hours=1)
+
+        async def run_everywhere() -> None:
+            await asyncio.gather(*(job.run(app) for app in apps for job in app.job_queue.jobs() if job.name == "events.reminders"))
+
+        await run_everywhere()
+        await run_everywhere()
+        await stop_bot(apps[1])
+        apps[1] = await start_bot(settings, dbs[1], policy, TOKEN, poll=False)  # a restart of one of them
+        apps[1].bot_data["services"].clock_offset = dt.timedelta(days=1, hours=2)
+        await run_everywhere()
+
+        async def delivered() -> list[int]:
+            return [sum("is tomorrow" in (m["text"] or "") for m in emulator.chat_messages(p) if m["from_bot"]) for p in people]
+
+        for _ in range(300):
+            if all(await delivered()):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # time for a second copy, were there one
+        assert await delivered() == [1] * len(people)
+        async with db.session() as s:
+            rows = await s.scalar(select(func.count()).select_from(Delivery).where(Delivery.text_key == "events.push_reminder_24h"))
+        assert rows == len(people)
+    finally:
+        for app in apps:
+            await stop_bot(app)
+        await emulator.stop()

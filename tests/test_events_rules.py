@@ -293,8 +293,14 @@ async def test_ics_and_codes() -> None:
 
 async def test_demo_has_a_lecture_a_story_hour_and_a_repair_workshop(db: Database) -> None:
     async with db.session() as s:
-        await seed_demo(s, POLICY, NOW, random.Random(1), [])
+        s.add_all([Reader(id=n, card_number=f"D{n}", name=f"Reader {n}", pin_hash="x") for n in (1, 2, 3)])
+        await s.flush()
+        s.add_all([User(telegram_id=8000 + n, reader_id=n) for n in (1, 2, 3)])
+        await s.flush()
+        await seed_demo(s, POLICY, NOW, random.Random(1), [8001, 8002, 8003])
         events = await upcoming(s, NOW)
+        workshop = [(r.name, r.status) for r in await registrants(s, events[2].id)]
+    assert workshop == [("Reader 1", "registered"), ("Reader 2", "registered"), ("Reader 3", "waitlisted")]
     assert [e.category for e in events] == ["lecture", "children", "workshop"]
     assert "Rare-book repair" in events[2].title_en and events[2].audience == "readers"
     assert all(e.starts_at > NOW for e in events)
