@@ -201,6 +201,7 @@ def place_name(policy: Policy, code: str) -> dict[str, str] | str:
 
 
 def local_time(when: dt.datetime, tz: ZoneInfo) -> str:
+    """``2026-12-10 19:00`` in the library's time zone."""
     return when.astimezone(tz).strftime("%Y-%m-%d %H:%M")
 
 
@@ -456,6 +457,7 @@ async def all_events(session: AsyncSession) -> list[Event]:
 
 
 async def registration_of(session: AsyncSession, event_id: int, telegram_id: int) -> EventRegistration | None:
+    """The person's registration for the event (active or cancelled), if any."""
     return await session.scalar(
         select(EventRegistration).where(EventRegistration.event_id == event_id, EventRegistration.telegram_id == telegram_id)
     )
@@ -737,6 +739,7 @@ async def queue_reminders(session: AsyncSession, *, now: dt.datetime, tz: ZoneIn
 
 
 def rating_buttons(registration_id: int) -> list[list[list[Any]]]:
+    """The 1–5 buttons of a feedback request (outbox button rows)."""
     return [[[f"={n} ★", f"ev:rate:{registration_id}:{n}"] for n in range(1, 6)]]
 
 
