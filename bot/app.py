@@ -18,6 +18,7 @@ from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
 from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
+from handlers import events as events_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -60,6 +61,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     incidents.register(app)  # /report conversation, "I'm handling it", /incidents reports and CSV, the escalation job
 
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
+
+    events_handlers.register(app)  # /events, /myevents, /checkin, the staff's event form (a conversation: before the search fallback), reminder job
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 

@@ -214,6 +214,44 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return asyncio.run(_with_db(work))
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """``events import PATH.csv`` / ``events list`` / ``events cancel ID`` (#17)."""
+
+    async def work(db: Database, settings: Settings, policy: Policy) -> int:
+        from storage import events
+
+        now = utcnow()
+        if args.events_command == "import":
+            path = Path(args.path)
+            if not path.is_file():
+                raise CliError(f"no such file: {path}")
+            async with db.session() as session:
+                try:
+                    report = await events.import_events(session, path, tz=settings.tz, policy=policy, now=now)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise CliError(f"{path}: {exc}") from None
+            for reason in report.skipped:
+                print(f"skipped {reason}")
+            print(f"imported {report.imported}, skipped {len(report.skipped)}")
+            return 1 if report.skipped and not report.imported else 0
+        if args.events_command == "cancel":
+            async with db.session() as session:
+                done = await events.cancel_event(session, args.event_id, now=now, tz=settings.tz, policy=policy)
+            if done.event is None:
+                raise CliError(f"no scheduled event with id {args.event_id}")
+            print(f"event {args.event_id} cancelled; {done.told} registrants will be told by the running bot")
+            return 0
+        async with db.session() as session:
+            rows = await events.all_events(session)
+        print("id\tstarts\tstatus\tseats\tcategory\ttitle")
+        for event in rows:
+            seats = f"{event.seats_taken}/{event.capacity or '-'}"
+            print(f"{event.id}\t{events.local_time(event.starts_at, settings.tz)}\t{event.status}\t{seats}\t{event.category}\t{event.title_zh} / {event.title_en}")
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
 def cmd_sip2_check(_args: argparse.Namespace) -> int:
     from storage.ils_sip2 import sip2_config
     from storage.sip2.client import run_check
@@ -311,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--until", default=None)
     stats.add_argument("--format", default="text", choices=["text", "csv"])
     stats.set_defaults(func=cmd_stats)
+
+    events = sub.add_parser("events", help="programmes and events")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    ev_import = events_sub.add_parser("import", help="CSV with columns " + ",".join((
+        "title_zh", "title_en", "description_zh", "description_en", "starts_at", "ends_at", "place",
+        "capacity", "category", "audience", "registration_opens", "registration_closes")))
+    ev_import.add_argument("path", metavar="PATH.csv")
+    events_sub.add_parser("list", help="every event with its seats")
+    ev_cancel = events_sub.add_parser("cancel", help="cancel an event and tell every registrant")
+    ev_cancel.add_argument("event_id", type=int, metavar="ID")
+    events.set_defaults(func=cmd_events)
 
     sip2 = sub.add_parser("sip2", help="the link to the library system")
     sip2_sub = sip2.add_subparsers(dest="sip2_command", required=True)

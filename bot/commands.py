@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 READER_COMMANDS = [
     "search", "loans", "renew", "holds", "ill", "requests", "complain", "tickets",
-    "report", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
+    "report", "events", "myevents", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
 ]
-STAFF_COMMANDS = ["overdue", "illqueue", "tickets", "stats"]
+STAFF_COMMANDS = ["overdue", "illqueue", "tickets", "stats", "checkin"]
 DUTY_COMMANDS = ["emergency", "drill", "allclear", "incidents"]
 
 

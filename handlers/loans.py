@@ -361,7 +361,8 @@ async def settings_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -
     me = await who(update, context)
     async with services(context).db.session() as session:
         days = await reminder_days_of(session, me.user_id)
-    await reply(update, context, "loans.settings", buttons=_reminder_buttons(), lang=me.lang,
+    buttons = [*_reminder_buttons(), [("events.btn_subscriptions", "ev:subs")]]  # event news by category (#17)
+    await reply(update, context, "loans.settings", buttons=buttons, lang=me.lang,
                 current=_reminder_label(me.lang, days))
 
 

@@ -9,6 +9,7 @@ from alembic.config import Config
 
 import storage.catalog
 import storage.circulation
+import storage.events
 import storage.ill
 import storage.ils_sip2
 import storage.incidents
@@ -24,6 +25,7 @@ __all__ = ["Base", "create_schema", "alembic_config"]
 MODULES = [
     storage.catalog,
     storage.circulation,
+    storage.events,  # events and programmes (#17)
     storage.ill,
     storage.ils_sip2,  # forget_person: card rows only a SIP2 login made
     storage.incidents,

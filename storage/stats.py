@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.events import EventStats, event_stats
 from storage.ill import CLOSED, FILLED, ORDER, IllKind, IllRequest, IllStatus
 
 # Open requests by age (days since submission): (key, from, to) with ``to`` excluded.
@@ -96,6 +97,7 @@ class StatsReport:
     tz: ZoneInfo
     ill: IllFigures
     tickets: Any | None = None  # storage.tickets.TicketStats, when that module is installed
+    events: EventStats | None = None  # events and programmes (#17)
 
     def period_label(self, lang: str = "en") -> str:
         """The period in words: ``2026-11-01 – 2026-11-30``, or up to today when it has no start."""
@@ -135,6 +137,8 @@ class StatsReport:
         lines.append(_rating_line(w, ill.average_rating, len(ill.ratings)))
         if self.tickets is not None:
             lines += ["", *self._ticket_lines(w)]
+        if self.events is not None:
+            lines += ["", *self.events.lines(lang)]
         return "\n".join(lines)
 
     def _ticket_lines(self, w: dict[str, str]) -> list[str]:
@@ -197,6 +201,8 @@ class StatsReport:
             writer.writerow(["tickets", "sla_breaches", "", getattr(tk, "sla_breaches", 0)])
             writer.writerow(["tickets", "rating", "average", _num(getattr(tk, "average_rating", None))])
             writer.writerow(["tickets", "rating", "count", getattr(tk, "ratings", 0)])
+        if self.events is not None:
+            writer.writerows(self.events.csv_rows())
         return out.getvalue()
 
 
@@ -330,6 +336,7 @@ async def service_stats(
 ) -> StatsReport:
     """Every service figure for the period from ``since`` to ``until`` (local dates, both included)."""
     report = StatsReport(since, until, now, tz, await ill_figures(session, since, until, tz, now))
+    report.events = await event_stats(session, *local_bounds(since, until, tz), now)
     try:
         from storage.tickets import ticket_stats  # type: ignore[attr-defined]
     except ImportError:  # complaints are not installed in this build
