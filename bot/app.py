@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from telegram import Update
 from telegram.ext import Application, ContextTypes, TypeHandler
 
+from bot import staffchat
 from bot.commands import set_default_menu, set_personal_menu
 from bot.context import Services, language_without_store, services
 from bot.dispatcher import BudgetRateLimiter, Dispatcher, SendBudget
@@ -41,6 +42,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     the text typed in its steps) and the catalog search on plain text last; group 100 makes the
     result durable.
     """
+    staffchat.register(app)  # group -4: the staff group became a supergroup, the bot was removed or added back
+
     app.add_handler(TypeHandler(Update, drop_without_sender), group=-3)
     app.add_handler(TypeHandler(Update, drop_duplicates), group=-2)
     app.add_handler(TypeHandler(Update, FloodControl()), group=-1)
@@ -106,6 +109,7 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
         budget=app.bot_data["send_budget"],
     )
     app.bot_data["dispatcher"] = dispatcher
+    await staffchat.start(app, dispatcher)  # the staff group's current id and state, before the first send
     dispatcher.start()
 
 

@@ -53,3 +53,9 @@ def _upgrade(connection: object, url: str) -> None:
     config = alembic_config(url)
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+# --- The staff group's current id and availability (issue #14) ------------------------------------
+import storage.staffchat  # noqa: E402  (its table must be in the metadata the migrations compare)
+
+MODULES.append(storage.staffchat)
