@@ -18,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
+from handlers import account, broadcast, ill, incidents, loans, search, staff, stats, tickets
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -63,6 +63,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     incidents.register(app)  # /report conversation, "I'm handling it", /incidents reports and CSV, the escalation job
 
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
+
+    staff.register(app)  # /overdue (staff): overdue loans by branch and days, pages, CSV
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 
