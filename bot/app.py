@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from telegram import Update
 from telegram.ext import Application, ContextTypes, TypeHandler
 
-from bot import staffchat
+from bot import errors, staffchat
 from bot.commands import set_default_menu, set_personal_menu
 from bot.context import Services, language_without_store, services
 from bot.dispatcher import BudgetRateLimiter, Dispatcher, SendBudget
@@ -90,6 +90,7 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
             await reply(update, context, key, lang=language_without_store(update, context))
         except Exception:  # nothing more can be done for this update
             log.warning("could not tell the person about the error")
+    await errors.report(update, context)  # privately to the admins, once per kind every 10 minutes
 
 
 
