@@ -127,6 +127,9 @@ class StaffChat:
     async def unavailable(self, row: Delivery, error: str = "the staff group is unavailable") -> Outcome:
         """A row for the group while the bot may not write there: an urgent one goes to every staff
         member privately, the others wait for the group to come back."""
+        await self.load()  # another bot process may have seen the bot added back
+        if self.writable:
+            return Outcome(row.id, DeliveryState.QUEUED, retry_at=self.clock(), refund=True)
         if not urgent(row):
             return Outcome(row.id, DeliveryState.QUEUED, error, retry_at=self.clock() + HOLD, refund=True)
         async with self.db.session() as session:
