@@ -13,6 +13,7 @@ import aiohttp
 from bot.embedded import STAFF_CHAT_ID, TOKEN
 from bot.emulator import Emulator
 from storage.db import Database
+from tests.auxil.subprocess_bot import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,13 +95,24 @@ async def test_doctor_says_all_is_well_and_names_each_problem(db: Database, tmp_
         await emulator.stop()
 
 
-async def test_doctor_reports_a_database_that_is_not_there(tmp_path: Path) -> None:
+async def test_doctor_reports_a_database_and_a_sip2_server_that_are_not_there(tmp_path: Path) -> None:
     emulator = Emulator(token=TOKEN)
     await emulator.start()
     try:
         missing = Database(f"sqlite+aiosqlite:///{tmp_path / 'no-such-dir' / 'x.db'}")
-        code, lines = await doctor(tmp_path, emulator, missing)
+        code, lines = await doctor(
+            tmp_path, emulator, missing, LIBRARYBOT_ILS="sip2", LIBRARYBOT_SIP2_HOST="127.0.0.1",
+            LIBRARYBOT_SIP2_PORT=str(free_port()), LIBRARYBOT_SIP2_TIMEOUT="2",
+        )
         assert code == 1 and "not reachable" in line(lines, "database")
         assert line(lines, "token").startswith("ok")
+        assert line(lines, "sip2").startswith("FAIL") and "librarybot sip2 check" in line(lines, "sip2")
+        assert len(lines) == 6  # five checks and the summary
+
+        code, lines = await doctor(tmp_path, emulator, missing, LIBRARYBOT_STAFF_TOPICS="incidents=seven")
+        assert code == 1 and lines == [
+            "librarybot: bad configuration: LIBRARYBOT_STAFF_TOPICS: Value error, LIBRARYBOT_STAFF_TOPICS: 'incidents=seven'"
+            " is not kind=thread_id with a kind among overdue, ill, tickets, incidents, reference, events, system"
+        ]
     finally:
         await emulator.stop()

@@ -141,7 +141,9 @@ async def test_bot_removed_tells_admins_sends_urgent_alerts_privately_and_recove
     # An incident cannot wait: every staff member gets it privately; the duty officer once.
     async with env.db.session() as s:
         await enqueue(s, STAFF_CHAT_ID, "loans.staff_digest", {"body": "digest of the day"}, kind="alert", priority=Priority.BULK)
+        await enqueue(s, STAFF_CHAT_ID, "tickets.escalation", {"count": 1, "lines": "T-000042"}, kind="ticket", priority=Priority.ALERT)
     await report_incident(env)
+    await until(containing(env, STAFF, "T-000042"), "the ticket escalation sent privately")
     await until(containing(env, STAFF, "Incident #1: Water leak"), "the staff member alerted privately")
     await until(containing(env, ADMIN, "Incident #1: Water leak"), "the admin alerted privately")
     await until(containing(env, DUTY, "Incident #1: Water leak"), "the duty officer alerted")
@@ -182,9 +184,9 @@ async def test_muted_bot_is_noticed_and_recovers(bot_env: EmbeddedBot) -> None:
 
 async def test_alerts_go_to_their_topic_and_the_rest_to_the_general_topic(db: Database) -> None:
     await setup(db)
-    env = await EmbeddedBot.start(db, staff_topics="incidents=7, ill=9, tickets=99")
+    env = await EmbeddedBot.start(db, staff_topics="incidents=7, overdue=9, tickets=99")
     try:
-        env.emulator.make_forum(STAFF_CHAT_ID, {7: "Incidents", 9: "Interlibrary loan"})
+        env.emulator.make_forum(STAFF_CHAT_ID, {7: "Incidents", 9: "Overdue"})
         await report_incident(env)
         async with db.session() as s:
             await enqueue(s, STAFF_CHAT_ID, "loans.staff_digest", {"body": "digest of the day"}, kind="alert", priority=Priority.BULK)
@@ -200,6 +202,7 @@ async def test_alerts_go_to_their_topic_and_the_rest_to_the_general_topic(db: Da
             return found if len(found) == 3 else {}
 
         found = await until(threads, "three alerts in the group")
-        assert found == {"突发事件 #1": 7, "digest of the day": None, "T-000001": None}
+        assert found == {"突发事件 #1": 7, "digest of the day": 9, "T-000001": None}
+        assert [m for m in env.emulator.messages_api(STAFF_CHAT_ID) if "T-000001" in (m.get("text") or "")][0].get("is_topic_message") is None
     finally:
         await env.stop()
