@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from telegram import Update
 from telegram.ext import Application, ContextTypes, TypeHandler
 
+from bot import errors, staffchat
 from bot.commands import set_default_menu, set_personal_menu
 from bot.context import Services, language_without_store, services
 from bot.dispatcher import BudgetRateLimiter, Dispatcher, SendBudget
@@ -17,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
+from handlers import account, broadcast, ill, incidents, loans, search, staff, stats, tickets
 from handlers import events as events_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
@@ -42,6 +43,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     the text typed in its steps) and the catalog search on plain text last; group 100 makes the
     result durable.
     """
+    staffchat.register(app)  # group -4: the staff group became a supergroup, the bot was removed or added back
+
     app.add_handler(TypeHandler(Update, drop_without_sender), group=-3)
     app.add_handler(TypeHandler(Update, drop_duplicates), group=-2)
     app.add_handler(TypeHandler(Update, FloodControl()), group=-1)
@@ -63,6 +66,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
 
     events_handlers.register(app)  # /events, /myevents, /checkin, the staff's event form (a conversation: before the search fallback), reminder job
+
+    staff.register(app)  # /overdue (staff): overdue loans by branch and days, pages, CSV
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 
@@ -88,6 +93,7 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
             await reply(update, context, key, lang=language_without_store(update, context))
         except Exception:  # nothing more can be done for this update
             log.warning("could not tell the person about the error")
+    await errors.report(update, context)  # privately to the admins, once per kind every 10 minutes
 
 
 
@@ -109,6 +115,7 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
         budget=app.bot_data["send_budget"],
     )
     app.bot_data["dispatcher"] = dispatcher
+    await staffchat.start(app, dispatcher)  # the staff group's current id and state, before the first send
     dispatcher.start()
 
 

@@ -276,6 +276,18 @@ def cmd_sip2_check(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(_args: argparse.Namespace) -> int:
+    from bot.doctor import run_doctor
+
+    findings = asyncio.run(run_doctor(_settings()))
+    for finding in findings:
+        print(finding.line())
+    failed = [f.name for f in findings if not f.ok]
+    if failed:
+        raise CliError(f"something is wrong: {', '.join(failed)}")
+    return 0
+
+
 def _date(text: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
@@ -364,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     sip2 = sub.add_parser("sip2", help="the link to the library system")
     sip2_sub = sip2.add_subparsers(dest="sip2_command", required=True)
     sip2_sub.add_parser("check", help="log in, ask SC status and show what the server supports").set_defaults(func=cmd_sip2_check)
+
+    sub.add_parser(
+        "doctor", help="check the token, database, staff group, webhook and SIP2, one line each"
+    ).set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -42,7 +42,15 @@ import aiohttp
 from sqlalchemy import select, update
 from telegram import Bot, InputFile
 from telegram.constants import ParseMode
-from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError, TimedOut
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+    TimedOut,
+)
 from telegram.ext import BaseRateLimiter
 from telegram.request import BaseRequest, RequestData
 
@@ -52,6 +60,7 @@ from storage import outbox
 from storage.db import Database
 from storage.outbox import Delivery, DeliveryState, Outcome, claim_due, mark_many
 from storage.people import User
+from storage.staffchat import StaffChatState
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +347,7 @@ class Dispatcher:
         self.sent_count = 0
         self.too_many_requests = 0
         self.stopping = False
+        self.staff: Any = None  # bot.staffchat.StaffChat: where the staff group's rows go now
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -529,6 +539,13 @@ class Dispatcher:
         """Send one row; what became of it."""
         text, markup = render(row, lang)
         extra: dict[str, Any] = {}
+        staff = self.staff if self.staff is not None and self.staff.addresses(row.chat_id) else None
+        if staff is not None and not staff.writable:
+            self.budget.refund()  # nothing goes to the group now
+            return await staff.unavailable(row)
+        chat_id = staff.chat_id if staff is not None else row.chat_id
+        if staff is not None:
+            extra.update(staff.thread_for(row))  # the topic of this kind of alert
         if self.paid_broadcast and row.kind == "broadcast":
             extra["allow_paid_broadcast"] = True  # only emergencies pay for the higher rate
         if getattr(self.sender, "rate_limiter", None) is not None:
@@ -536,17 +553,17 @@ class Dispatcher:
         try:
             if row.document is not None:
                 message = await self.sender.send_document(
-                    row.chat_id, InputFile(row.document, filename=row.document_name or "file"),
+                    chat_id, InputFile(row.document, filename=row.document_name or "file"),
                     caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
                 )
             elif row.photo_file_id:
                 message = await self.sender.send_photo(
-                    row.chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,
+                    chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,
                     reply_markup=markup, **extra,
                 )
             else:
                 message = await self.sender.send_message(
-                    row.chat_id, text, parse_mode=ParseMode.HTML, reply_markup=markup,
+                    chat_id, text, parse_mode=ParseMode.HTML, reply_markup=markup,
                     disable_web_page_preview=True, **extra,
                 )
         except RetryAfter as exc:
@@ -556,12 +573,21 @@ class Dispatcher:
             self.budget.chat_ready[row.chat_id] = max(self.budget.chat_ready.get(row.chat_id, 0.0), time.monotonic() + wait)
             log.warning("Telegram asked to slow down for %.0f s; pushes wait, answers do not", wait)
             return Outcome(row.id, DeliveryState.QUEUED, "429", retry_at=self.clock() + dt.timedelta(seconds=wait), refund=True)
+        except ChatMigrated as exc:
+            self.budget.refund()
+            if staff is None:
+                return self._retry(row, str(exc))
+            return await staff.migrated(row, exc.new_chat_id, str(exc))
         except Forbidden as exc:
+            if staff is not None:
+                return await self._staff_refused(staff, row, exc)
             log.info("chat %s is unreachable (%s)", row.chat_id, exc.message)
             self.budget.refund()  # nothing was sent: the slot goes to the next recipient
             return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
         except BadRequest as exc:
             self.budget.refund()
+            if staff is not None:
+                return await self._staff_refused(staff, row, exc)
             if "chat not found" in exc.message.lower():
                 return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
             log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
@@ -569,6 +595,20 @@ class Dispatcher:
         except (NetworkError, TelegramError) as exc:
             return self._retry(row, str(exc))
         return Outcome(row.id, DeliveryState.SENT, message_id=message.message_id, at=self.clock())
+
+    async def _staff_refused(self, staff: Any, row: Delivery, exc: TelegramError) -> Outcome:
+        """Telegram refused a row for the staff group: removed, muted, a topic that does not exist,
+        or a message it would refuse anywhere."""
+        if isinstance(exc, Forbidden):
+            self.budget.refund()
+            return await staff.refused(row, StaffChatState.REMOVED, exc.message)
+        message = exc.message.lower()
+        if "not enough rights" in message or "chat_write_forbidden" in message or "have no rights" in message:
+            return await staff.refused(row, StaffChatState.MUTED, exc.message)
+        if "thread not found" in message:
+            return staff.topic_missing(row, exc.message)
+        log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
+        return Outcome(row.id, DeliveryState.FAILED, exc.message)
 
     def _retry(self, row: Delivery, error: str) -> Outcome:
         """Try again later with exponential backoff, or give up after ``MAX_ATTEMPTS``."""

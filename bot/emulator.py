@@ -51,6 +51,8 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from bot.emulator_groups import GroupChanges, GroupControls
+
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -621,7 +623,7 @@ def _scope_key(scope: Any) -> str:
 Handler = Callable[[Params], Awaitable[Any]]
 
 
-class Emulator:
+class Emulator(GroupControls):
     """The Bot API emulator. All state lives in memory in this object."""
 
     def __init__(
@@ -665,6 +667,7 @@ class Emulator:
         self._callbacks: dict[str, JSON] = {}
         self._callback_answers: dict[int, list[JSON]] = {}
         self._callback_seq = itertools.count(4_300_000_000_000_000_001)
+        self.groups = GroupChanges()  # supergroup upgrades, the bot's membership, forum topics
 
         self._next_update_id = 100_000
         self._updates: deque[_QueuedUpdate] = deque()
@@ -1381,6 +1384,7 @@ class Emulator:
         if reply_id and int(reply_id) in chat.messages:
             api["reply_to_message"] = self._reply_copy(chat.messages[int(reply_id)])
         api.update(content)
+        api.update(self._thread(chat.id, params))
         if markup and "inline_keyboard" in markup:
             api["reply_markup"] = {"inline_keyboard": markup["inline_keyboard"]}
         return self._add_message(
@@ -1434,6 +1438,7 @@ class Emulator:
             return self._injected_error(status).response()
         try:
             params = await self._read_params(request)
+            self._group_refusal(name, params)
             result = await handler(params)
         except ApiError as exc:
             return exc.response()
@@ -1816,6 +1821,7 @@ class Emulator:
     async def _m_sendChatAction(self, p: Params) -> bool:
         chat = self._chat(p.chat_id())
         self._admit(chat, None)
+        self._thread(chat.id, p)
         self._event(chat, "action", action=p.get_str("action") or "typing")
         return True
 
@@ -1870,6 +1876,7 @@ class Emulator:
         )
         return {
             **self._chat(chat_id).api(),
+            **self._forum_flag(chat_id),
             "accent_color_id": 0,
             "max_reaction_count": 11,
             "accepted_gift_types": gifts,
@@ -1878,7 +1885,7 @@ class Emulator:
     async def _m_getChatMember(self, p: Params) -> JSON:
         user_id = p.get_int("user_id") or 0
         if user_id == self.bot_user["id"]:
-            return {"status": "member", "user": self.bot_user}
+            return self._bot_member_of(p.chat_id()) or {"status": "member", "user": self.bot_user}
         status = "kicked" if user_id in self._blocked else "member"
         member: JSON = {"status": status, "user": self._users.get(user_id) or self._stub_user_api(user_id)}
         if status == "kicked":

@@ -9,6 +9,23 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TOKEN_PATTERN = re.compile(r"^\d{3,20}:[A-Za-z0-9_-]{20,}$")
+STAFF_TOPIC_KINDS = ("overdue", "ill", "tickets", "incidents", "reference", "events", "system")
+
+
+def parse_staff_topics(value: str | None) -> dict[str, int]:
+    """``LIBRARYBOT_STAFF_TOPICS`` (``incidents=12,ill=34``) as {kind: thread id}."""
+    topics: dict[str, int] = {}
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        kind, sep, thread = part.partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in STAFF_TOPIC_KINDS or not thread.strip().isdigit() or int(thread) <= 0:
+            raise ValueError(
+                f"LIBRARYBOT_STAFF_TOPICS: {part.strip()!r} is not kind=thread_id with a kind among {', '.join(STAFF_TOPIC_KINDS)}"
+            )
+        topics[kind] = int(thread)
+    return topics
 
 
 class Settings(BaseSettings):
@@ -45,6 +62,8 @@ class Settings(BaseSettings):
     sip2_tls_verify: bool = Field(default=True, alias="LIBRARYBOT_SIP2_TLS_VERIFY")
     sip2_tls_ca_file: str | None = Field(default=None, alias="LIBRARYBOT_SIP2_TLS_CA_FILE")
     sip2_rate: float = Field(default=10.0, gt=0, alias="LIBRARYBOT_SIP2_RATE")  # requests/s of the notice cycle
+    # A staff group with topics: "kind=thread_id,…" (see STAFF_TOPIC_KINDS); other alerts go to the general topic.
+    staff_topics: str | None = Field(default=None, alias="LIBRARYBOT_STAFF_TOPICS")
 
     @field_validator("language")
     @classmethod
@@ -92,6 +111,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("staff_topics")
+    @classmethod
+    def _staff_topics(cls, value: str | None) -> str | None:
+        parse_staff_topics(value)  # raises with the reason
+        return value or None
+
+    @property
+    def staff_topic_map(self) -> dict[str, int]:
+        """The staff group's topic (``message_thread_id``) for each kind of alert that has one."""
+        return parse_staff_topics(self.staff_topics)
 
     @property
     def tz(self) -> ZoneInfo:

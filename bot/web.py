@@ -13,6 +13,7 @@ from telegram import Update
 from telegram.ext import Application
 
 from bot.context import services
+from bot.staffchat import staff_chat_health
 from storage.outbox import backlog
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ async def health(app: Application) -> tuple[bool, dict[str, Any]]:  # type: igno
                 report["outbox_backlog"] = await backlog(session)
         except (OSError, DBAPIError):  # the database went away between the two questions
             report["database"] = False
+    report.update(staff_chat_health(app))  # whether the bot can write to the staff group
     return bool(report["database"]), report
 
 

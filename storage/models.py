@@ -16,6 +16,7 @@ import storage.incidents
 import storage.outbox
 import storage.people
 import storage.search
+import storage.staffchat
 import storage.state
 import storage.tickets
 from storage.db import Base, Database
@@ -32,6 +33,7 @@ MODULES = [
     storage.outbox,
     storage.people,
     storage.search,
+    storage.staffchat,  # the staff group's current id and availability (#14)
     storage.state,
     storage.tickets,
 ]
