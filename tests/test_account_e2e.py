@@ -181,3 +181,25 @@ async def test_a_message_of_telegram_s_maximum_length_is_handled(bot_env: Embedd
     await ann.send("/login")
     assert "send your PIN" in texts(await ann.send("x" * 4096))
     assert "do not match" in texts(await ann.send("5678"))
+
+
+async def test_a_card_linked_by_a_second_account_tells_the_first_who_unlinks_it_in_settings(bot_env: EmbeddedBot) -> None:
+    await _card(bot_env, "R1001", "5678")
+    ann = await bot_env.person(1001, language_code="en", first_name="Ann")
+    eve = await bot_env.person(6666, language_code="en", first_name="Eve")
+    assert "Your card is linked" in texts(await ann.send("/login R1001 5678"))
+    assert "Your card is linked" in texts(await eve.send("/login R1001 5678"))
+    for _ in range(100):  # the warning is a push: it comes through the outbox
+        if "linked to another Telegram account" in texts(ann.bot_messages()):
+            break
+        await asyncio.sleep(0.05)
+    warning = texts(ann.bot_messages())
+    assert "Your library card …1001 was linked to another Telegram account" in warning and "/settings" in warning
+    listed = texts(await ann.send("/settings"))
+    assert "Ann (id …1001) — this chat" in listed and "Eve (id …6666)" in listed
+    after = texts(await ann.press("unlink:6666"))
+    assert "Ann (id …1001) — this chat" in after and "Eve" not in after
+    assert "No library card" in texts(await eve.send("/logout"))  # Eve holds nothing any more
+    # A forged button for oneself changes nothing: Ann keeps her card.
+    await ann.press_data(ann.bot_messages()[-1]["message_id"], "unlink:1001")
+    assert "R1001" in texts(await ann.send("/privacy"))
