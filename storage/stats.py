@@ -10,7 +10,6 @@ requests counting for neither.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import statistics
@@ -22,6 +21,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage import csv_export
 from storage.ill import CLOSED, FILLED, ORDER, IllKind, IllRequest, IllStatus
 
 # Open requests by age (days since submission): (key, from, to) with ``to`` excluded.
@@ -159,7 +159,7 @@ class StatsReport:
     def to_csv(self) -> str:
         """The numbers, one per row: ``section,metric,key,value`` (rates as fractions, times in days/hours)."""
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        writer = csv_export.writer(out, lineterminator="\n")
         writer.writerow(["section", "metric", "key", "value"])
         ill = self.ill
         writer.writerow(["period", "since", "", self.since.isoformat() if self.since else ""])
