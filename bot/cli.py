@@ -80,7 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     secrets = [settings.token(), settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""]
     configure_logging(settings.log_level, secrets)
-    asyncio.run(run(settings, policy, webhook=args.webhook))
+    from telegram.error import InvalidToken, NetworkError
+
+    try:
+        asyncio.run(run(settings, policy, webhook=args.webhook))
+    except InvalidToken:  # its message holds the token: never printed
+        raise CliError("Telegram rejected the bot token: check TELEGRAM_BOT_TOKEN (@BotFather shows the current one)") from None
+    except NetworkError:
+        raise CliError("the Bot API is not reachable: check the network and LIBRARYBOT_TELEGRAM_API_URL") from None
     return 0
 
 
