@@ -228,6 +228,23 @@ def _rating_line(w: dict[str, str], average: float | None, count: int) -> str:
     return f"{w['rating']}{w['colon']}" + w["rating_detail"].format(avg=f"{average:.2f}", n=count)
 
 
+# The dates a period may name: wide enough for any library's history and plans, narrow enough that
+# the day after and the time-zone shift of either end stay valid dates (0001-01-01 or 9999-12-31 overflow).
+FIRST_DAY = dt.date(2000, 1, 1)
+LAST_DAY = dt.date(2099, 12, 31)
+
+
+class PeriodOutOfRange(ValueError):
+    """A period naming a date before ``FIRST_DAY`` or after ``LAST_DAY``."""
+
+
+def check_period(since: dt.date | None, until: dt.date | None) -> None:
+    """Raise ``PeriodOutOfRange`` unless both ends lie between ``FIRST_DAY`` and ``LAST_DAY``."""
+    for day in (since, until):
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise PeriodOutOfRange(f"{day.isoformat()} is outside {FIRST_DAY.isoformat()}…{LAST_DAY.isoformat()}")
+
+
 def local_bounds(since: dt.date | None, until: dt.date | None, tz: ZoneInfo) -> tuple[dt.datetime | None, dt.datetime | None]:
     """The period as UTC instants: from the start of ``since`` to the start of the day after ``until``."""
     start = dt.datetime.combine(since, dt.time(), tz).astimezone(dt.UTC) if since else None
@@ -328,7 +345,9 @@ def _week_series(
 async def service_stats(
     session: AsyncSession, since: dt.date | None, until: dt.date | None, tz: ZoneInfo, now: dt.datetime
 ) -> StatsReport:
-    """Every service figure for the period from ``since`` to ``until`` (local dates, both included)."""
+    """Every service figure for the period from ``since`` to ``until`` (local dates, both included);
+    ``PeriodOutOfRange`` for a date outside ``FIRST_DAY``…``LAST_DAY``."""
+    check_period(since, until)
     report = StatsReport(since, until, now, tz, await ill_figures(session, since, until, tz, now))
     try:
         from storage.tickets import ticket_stats  # type: ignore[attr-defined]
