@@ -80,7 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     secrets = [settings.token(), settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""]
     configure_logging(settings.log_level, secrets)
-    asyncio.run(run(settings, policy, webhook=args.webhook))
+    from telegram.error import InvalidToken, NetworkError
+
+    try:
+        asyncio.run(run(settings, policy, webhook=args.webhook))
+    except InvalidToken:  # its message holds the token: never printed
+        raise CliError("Telegram rejected the bot token: check TELEGRAM_BOT_TOKEN (@BotFather shows the current one)") from None
+    except NetworkError:
+        raise CliError("the Bot API is not reachable: check the network and LIBRARYBOT_TELEGRAM_API_URL") from None
     return 0
 
 
@@ -202,12 +209,19 @@ def cmd_notices(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     async def work(db: Database, settings: Settings, _p: Policy) -> int:
-        from storage.stats import service_stats
+        from storage.stats import FIRST_DAY, LAST_DAY, PeriodOutOfRange, service_stats
 
         since = _date(args.since) if args.since else None
         until = _date(args.until) if args.until else None
-        async with db.session() as session:
-            report = await service_stats(session, since, until, settings.tz, utcnow())
+        try:
+            async with db.session() as session:
+                report = await service_stats(session, since, until, settings.tz, utcnow())
+        except PeriodOutOfRange:
+            from bot.i18n import t
+
+            arg = " ".join(filter(None, (args.since, args.until)))
+            texts = (t(lang, "stats.cli_out_of_range", first=FIRST_DAY, last=LAST_DAY, arg=arg) for lang in ("en", "zh"))
+            raise CliError(" / ".join(texts)) from None
         print(report.to_csv() if args.format == "csv" else report.to_text())
         return 0
 

@@ -1,10 +1,19 @@
 """Logging set-up: structured one-line records, and secrets (the token, the webhook secret) never
-written at any level. httpx logs request URLs, which contain the token, so it is kept at WARNING."""
+written at any level. httpx logs request URLs, which contain the token, so it is kept at WARNING.
+
+At DEBUG python-telegram-bot logs every Bot API call with its parameters and its answer: whole
+updates, with the PINs and card numbers people type and the texts of their complaints. Those texts
+are replaced by their length at every level; aiosqlite, which would log the same texts as SQL
+parameters, is kept at INFO."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from telegram import TelegramObject
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -28,6 +37,43 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# Keys of the Bot API's objects and parameters that hold what a person typed (or what the bot says
+# back, which may quote it): message texts and captions, inline queries, poll texts.
+TEXT_KEYS = frozenset({"text", "caption", "query", "quote", "explanation", "question", "message_text"})
+
+
+def scrub(value: Any) -> Any:
+    """``value`` (an update, an API call's parameters or answer, JSON text) with every typed text
+    replaced by ``[N characters]``; anything else unchanged."""
+    if isinstance(value, TelegramObject):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {
+            key: f"[{len(item)} characters]" if key in TEXT_KEYS and isinstance(item, str) else scrub(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [scrub(item) for item in value]
+    if isinstance(value, str | bytes) and value[:1] in ("{", "[", b"{", b"["):
+        try:
+            return json.dumps(scrub(json.loads(value)), ensure_ascii=False)
+        except ValueError:
+            return value
+    return value
+
+
+class RedactReaderTexts(logging.Filter):
+    """Replaces, in a record's arguments, the texts people typed (see :func:`scrub`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, Mapping):
+            record.args = scrub(args)
+        elif args:
+            record.args = tuple(scrub(arg) for arg in args)
+        return True
+
+
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     """Log to stderr at ``level`` with secrets redacted from every record."""
     root = logging.getLogger()
@@ -38,8 +84,9 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
         root.addHandler(handler)
     redact = RedactSecrets(secrets)
     for handler in root.handlers:
-        for old in [f for f in handler.filters if isinstance(f, RedactSecrets)]:
+        for old in [f for f in handler.filters if isinstance(f, RedactSecrets | RedactReaderTexts)]:
             handler.removeFilter(old)
+        handler.addFilter(RedactReaderTexts())  # first: the texts, then any secret left in the message
         handler.addFilter(redact)
-    for noisy in ("httpx", "httpcore", "apscheduler", "aiohttp.access"):
+    for noisy in ("httpx", "httpcore", "apscheduler", "aiohttp.access", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from telegram import Update
 from telegram.error import TelegramError
@@ -21,7 +22,18 @@ from bot.commands import set_personal_menu
 from bot.context import services, who
 from bot.ui import answer, edit, escape, reply
 from storage.ils import CirculationUnavailable
-from storage.people import InviteOutcome, LoginOutcome, Role, login, logout, reader_of, redeem_invite
+from storage.people import (
+    InviteOutcome,
+    LoginOutcome,
+    Role,
+    linked_accounts,
+    login,
+    logout,
+    masked_card,
+    reader_of,
+    redeem_invite,
+    unlink_account,
+)
 from storage.privacy import forget_person
 
 log = logging.getLogger(__name__)
@@ -146,16 +158,22 @@ async def _delete_pin_message(update: Update, context: ContextTypes.DEFAULT_TYPE
 async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: str, pin: str) -> None:
     svc = services(context)
     me = await who(update, context)
-    verify = None
-    if svc.circulation is not None and svc.settings.ils != "local":
-        # The library's own system decides whether the PIN is right (SIP2: 63 → CQ); the lockout stays ours.
-        try:
-            verify = (await svc.circulation.check_card(card, pin)).valid
-        except CirculationUnavailable:
-            await reply(update, context, "common.ils_unavailable", lang=me.lang)
-            return
-    async with svc.db.session() as session:
-        result = await login(session, me.user_id, card, pin, svc.now(), verify=verify)
+    verify: Callable[[], Awaitable[bool]] | None = None
+    circulation = svc.circulation
+    if circulation is not None and svc.settings.ils != "local":
+        # The library's own system decides whether the PIN is right (SIP2: 63 → CQ); the lockout
+        # stays ours, and the system is asked only once the attempt is counted.
+        async def check() -> bool:
+            return (await circulation.check_card(card, pin)).valid
+
+        verify = check
+
+    try:
+        async with svc.db.session() as session:
+            result = await login(session, me.user_id, card, pin, svc.now(), verify=verify, tz=svc.tz)
+    except CirculationUnavailable:
+        await reply(update, context, "common.ils_unavailable", lang=me.lang)
+        return
     if result.outcome is LoginOutcome.OK and result.reader is not None:
         log.info("user %s linked a card", me.user_id)
         await reply(update, context, "account.login_ok", lang=me.lang, name=escape(result.reader.name))
@@ -174,6 +192,56 @@ async def logout_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     async with svc.db.session() as session:
         done = await logout(session, me.user_id)
     await reply(update, context, "account.logout_ok" if done else "account.not_logged_in", lang=me.lang)
+
+
+# --- the accounts linked to one's card (shown by /settings, and by the alert of a new link) ----------
+
+
+async def show_linked_accounts(update: Update, context: ContextTypes.DEFAULT_TYPE, *, replace: bool = False) -> None:
+    """List the Telegram accounts linked to the person's card, each other one with an Unlink button."""
+    me = await who(update, context)
+    async with services(context).db.session() as session:
+        reader = await reader_of(session, me.user_id)
+        users = await linked_accounts(session, me.user_id)
+    if reader is None:
+        if replace:
+            await edit(update, context, "account.not_logged_in", lang=me.lang)
+        return
+    from bot.i18n import t
+
+    lines, buttons = [], []
+    for user in users:
+        name, tail = user.first_name or "—", str(user.telegram_id)[-4:]
+        key = "account.linked_account_you" if user.telegram_id == me.user_id else "account.linked_account_line"
+        lines.append(t(me.lang, key, name=escape(name), tail=tail))
+        if user.telegram_id != me.user_id:
+            buttons.append([("=" + t(me.lang, "account.btn_unlink", name=name[:24], tail=tail), f"unlink:{user.telegram_id}")])
+    params = {"card": escape(masked_card(reader.card_number)), "lines": "\n".join(lines)}
+    if replace:
+        await edit(update, context, "account.linked_accounts", buttons=buttons, lang=me.lang, **params)
+    else:
+        await reply(update, context, "account.linked_accounts", buttons=buttons, lang=me.lang, **params)
+
+
+async def linked_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``linked:list`` (the button of the new-link alert): show the linked accounts."""
+    me = await who(update, context)
+    await answer(update, context, lang=me.lang)
+    await show_linked_accounts(update, context)
+
+
+async def unlink_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """``unlink:<telegram id>``: unlink that account, when it holds the same card as the one pressing."""
+    me = await who(update, context)
+    value = (update.callback_query.data or "").removeprefix("unlink:")
+    async with services(context).db.session() as session:
+        done = value.isdigit() and await unlink_account(session, me.user_id, int(value))
+    if not done:
+        await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
+        return
+    log.info("user %s unlinked another account from their card", me.user_id)
+    await answer(update, context, "account.unlinked", lang=me.lang)
+    await show_linked_accounts(update, context, replace=True)
 
 
 async def privacy(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -277,6 +345,8 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(CommandHandler("forgetme", forgetme))
     app.add_handler(CallbackQueryHandler(forget_confirmed, pattern=r"^forget:"))
     app.add_handler(CommandHandler("hours", hours))
+    app.add_handler(CallbackQueryHandler(linked_pressed, pattern=r"^linked:list$"))
+    app.add_handler(CallbackQueryHandler(unlink_pressed, pattern=r"^unlink:"))
 
 
 def register_last(app: Application) -> None:  # type: ignore[type-arg]

@@ -31,6 +31,7 @@ from telegram.ext import Application, CallbackQueryHandler, CommandHandler, Cont
 from bot.context import Who, services, who
 from bot.i18n import t
 from bot.ui import Button, answer, edit, paginate, parse_page, reply
+from handlers.account import show_linked_accounts
 from storage.ils import (
     CirculationService,
     CirculationUnavailable,
@@ -364,6 +365,7 @@ async def settings_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -
     buttons = [*_reminder_buttons(), [("events.btn_subscriptions", "ev:subs")]]  # event news by category (#17)
     await reply(update, context, "loans.settings", buttons=buttons, lang=me.lang,
                 current=_reminder_label(me.lang, days))
+    await show_linked_accounts(update, context)  # and who else holds the card, each with Unlink
 
 
 async def remind_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -18,7 +18,7 @@ from bot.i18n import t
 from bot.roles import requires
 from bot.ui import answer, escape, fit, reply
 from storage.people import Role
-from storage.stats import StatsReport, service_stats
+from storage.stats import FIRST_DAY, LAST_DAY, PeriodOutOfRange, StatsReport, check_period, service_stats
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ def parse_period(args: list[str]) -> tuple[dt.date | None, dt.date | None] | str
     until = dates[1] if len(dates) > 1 else None
     if since and until and since > until:
         return "stats.bad_period"
+    try:
+        check_period(since, until)
+    except PeriodOutOfRange:
+        return "stats.out_of_range"
     return since, until
 
 
@@ -52,7 +56,8 @@ async def stats_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
     me = await who(update, context)
     period = parse_period(list(context.args or []))
     if isinstance(period, str):
-        await reply(update, context, period, lang=me.lang, arg=escape(" ".join(context.args or [])[:40]))
+        await reply(update, context, period, lang=me.lang, arg=escape(" ".join(context.args or [])[:40]),
+                    first=FIRST_DAY.isoformat(), last=LAST_DAY.isoformat())
         return
     since, until = period
     report = await _report(context, since, until)

@@ -3,8 +3,9 @@ demo's sample readers with loans in every interesting state.
 
 Every import applies each good row in its own savepoint and names each bad row with its line number
 and the reason (missing columns, bad dates, unknown barcodes or cards, duplicates), so one broken
-line never stops the rest and no row is ever half-applied. A file whose header lacks a required
-column is refused as a whole (``CircImportError``).
+line never stops the rest and no row is ever half-applied. Each physical line is one row: a quote
+left open (a stray ``"``) or too many fields make that line unreadable, and only that line is
+skipped. A file whose header lacks a required column is refused as a whole (``CircImportError``).
 
 Readers (``card_number,name,pin,category,expires_on``): upsert on the card number; the PIN is
 hashed on import and never stored in clear; an empty PIN keeps the card's current PIN (a new card
@@ -20,9 +21,10 @@ list of the loans open now (a snapshot). A loan in the file is created, or updat
 or renewal count changed; a copy lent to another card is moved to it. An open loan whose copy the
 file does not mention at all is returned — exactly as ``librarybot circ return`` would, so a copy
 somebody waits for goes on the hold shelf and that reader is told. A copy named only on bad lines is
-left alone, and a file without a single loan line returns nothing. Dates are ISO 8601: a bare date
-(``2025-03-10``) is a date in the library's time zone (due at the end of that day); a time without a
-zone is local time.
+left alone, and a file without a single loan line returns nothing. A loans file with any line that
+cannot be read at all (a stray quote, too many fields) is refused whole, naming the lines: the loan
+on it might be one still out. Dates are ISO 8601: a bare date (``2025-03-10``) is a date in the
+library's time zone (due at the end of that day); a time without a zone is local time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
-import io
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -97,36 +98,68 @@ class ImportReport:
 # Reading and checking fields
 
 
+UNREADABLE = "__unreadable__"  # the key marking a line the CSV itself cannot be read from
+
+
+def _fields(line: str) -> list[str]:
+    """The fields of one physical line; ``BadRow`` when its quotes do not pair up on the line."""
+    try:
+        return next(csv.reader([line], strict=True), [])
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise BadRow('a quoted field is not closed on this line (a stray ")') from None
+        raise BadRow(f"the line cannot be read as CSV ({exc})") from None
+
+
 def _rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) for each data line; the header must name every ``required`` column."""
+    """(line number, row) for each data line; the header must name every ``required`` column.
+
+    Each physical line is one row, read on its own: a quoted field never runs on into the next
+    lines (one stray ``"`` would otherwise swallow every row up to the next quote). A line whose
+    quotes do not pair up, or with more fields than the header, is yielded with an error under
+    ``UNREADABLE``; one with fewer fields names the missing columns.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise CircImportError(f"file not found: {path}") from None
     except UnicodeDecodeError:
         raise CircImportError(f"{path}: not UTF-8 text") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if not lines or not lines[0].strip():
+        raise CircImportError(f"{path}: empty file")
     try:
-        header = [h.strip().lower() for h in next(reader)]
-    except StopIteration:
-        raise CircImportError(f"{path}: empty file") from None
+        header = [h.strip().lower() for h in _fields(lines[0])]
+    except BadRow as exc:
+        raise CircImportError(f"{path}: line 1 (the header): {exc}") from None
     missing = [c for c in required if c not in header]
     if missing:
         raise CircImportError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(required)})")
-    for values in reader:
-        line = reader.line_num
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            values = _fields(line)
+        except BadRow as exc:
+            yield number, {UNREADABLE: str(exc)}
+            continue
         if not any(v.strip() for v in values):
+            continue
+        if len(values) > len(header):
+            yield number, {UNREADABLE: f"{len(values)} fields where the header has {len(header)}"}
             continue
         row = {name: (values[i].strip() if i < len(values) else None) for i, name in enumerate(header)}
         absent = [c for c in required if row.get(c) is None]
         if absent:
             partial = {k: v for k, v in row.items() if v is not None}
-            yield line, {**partial, "__error__": f"missing column(s) {', '.join(absent)}"}
+            yield number, {**partial, "__error__": f"missing column(s) {', '.join(absent)}"}
             continue
-        yield line, {k: v for k, v in row.items() if v is not None}
+        yield number, {k: v for k, v in row.items() if v is not None}
 
 
 def _check_rows(row: dict[str, str]) -> None:
+    if UNREADABLE in row:
+        raise BadRow(row[UNREADABLE])
     if "__error__" in row:
         raise BadRow(row["__error__"])
 
@@ -361,6 +394,13 @@ async def import_loans(
     now = now or utcnow()
     report = ImportReport("loans", str(path))
     rows = list(_rows(path, LOAN_COLUMNS))
+    unreadable = [(line, row[UNREADABLE]) for line, row in rows if UNREADABLE in row]
+    if unreadable:
+        # The file lists every open loan: a line we cannot read may be a loan still out, which
+        # would be "returned" (and its copy promised to the next reader). Nothing is applied.
+        named = "; ".join(f"line {line}: {reason}" for line, reason in unreadable[:10])
+        more = f" (and {len(unreadable) - 10} more lines)" if len(unreadable) > 10 else ""
+        raise CircImportError(f"{path}: refused, nothing changed: {named}{more}")
     mentioned: set[str] = {row["barcode"] for _, row in rows if row.get("barcode")}
     listed: set[str] = set()
     for start in range(0, len(rows), BATCH):

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from storage import csv_export
 from storage.db import Base, utcnow
 from storage.outbox import Priority, enqueue
 from storage.people import StaffMember, User, reader_of
@@ -501,7 +502,7 @@ async def registrants(session: AsyncSession, event_id: int) -> list[EventRegistr
 def registrants_csv(event: Event, rows: Sequence[EventRegistration], tz: ZoneInfo) -> str:
     """The registrants of an event as CSV (for the door list and the organiser)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    writer = csv_export.writer(out, lineterminator="\n")
     writer.writerow(["event_id", "title", "name", "telegram_id", "status", "code", "registered_at", "promoted", "checked_in_at"])
     for reg in rows:
         writer.writerow([

@@ -82,7 +82,7 @@ from storage.ils import (
     RenewalOutcome,
 )
 from storage.outbox import Priority, enqueue
-from storage.people import LoginLock, Reader, User
+from storage.people import Reader, User
 from storage.policy import Policy
 from storage.sip2 import protocol as p
 from storage.sip2.client import Sip2Config, Sip2Pool
@@ -368,11 +368,6 @@ class Sip2Circulation:
             ).all()
         return {barcode: (title, item_type, record_id) for barcode, title, item_type, record_id in rows}
 
-    async def _card_locked(self, card: str) -> bool:
-        async with self.db.session() as s:
-            lock = await s.get(LoginLock, f"card:{card}")
-        return lock is not None and lock.locked_until is not None and lock.locked_until > self.clock()
-
     async def _remember_reader(self, card: str, name: str, expires_on: dt.date | None, blocked: bool) -> None:
         """Create or refresh the local card row of a reader the system knows."""
         for _ in range(2):  # a second login of the same card at the same moment may insert first
@@ -491,12 +486,10 @@ class Sip2Circulation:
 
     async def check_card(self, card_number: str, pin: str) -> CardCheck:
         """63 with the PIN: valid when the system knows the card (BL) and says the PIN is right (CQ Y).
-        A valid card's local row is created or refreshed. A card locked by failed logins is not
-        asked about (``people.login`` answers LOCKED), so guessing never reaches the system."""
+        A valid card's local row is created or refreshed. ``people.login`` calls this only once the
+        attempt is counted, so a locked card is never asked about and guessing never reaches the system."""
         card = card_number.strip()[:64]
         if not card or not _sendable(card) or not _sendable(pin):
-            return CardCheck(False, card)
-        if await self._card_locked(card):
             return CardCheck(False, card)
         info = await self._ask(lambda: self.pool.patron_information(card, pin, summary=None, start=None))
         if info.valid_patron is False or info.valid_password is not True:

@@ -21,7 +21,6 @@ that only one process can win, and every message it queues has a dedupe key.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import enum
 import html
@@ -36,6 +35,7 @@ from sqlalchemy import Boolean, ForeignKey, Index, String, Text, delete, func, i
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from storage import csv_export
 from storage.db import Base
 from storage.outbox import Delivery, DeliveryState, Priority, enqueue, enqueue_many
 from storage.people import Role, StaffMember, User, staff_ids
@@ -1094,7 +1094,7 @@ async def recipients_csv(session: AsyncSession, broadcast_id: int, tz: ZoneInfo)
         .order_by(Delivery.id)
     )
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv_export.writer(out)
     writer.writerow(
         [
             "telegram_id",

@@ -27,7 +27,6 @@ bilingual parameter; the dispatcher picks the recipient's language at send time.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import html
 import io
@@ -44,6 +43,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import circulation as circ
+from storage import csv_export
 from storage.catalog import Item, Record
 from storage.circulation import Hold, HoldStatus, Loan
 from storage.db import Database, retry_busy, utcnow
@@ -315,7 +315,7 @@ def _reader_body(
 def overdue_csv(rows: Sequence[tuple[Any, ...]], policy: Policy) -> bytes:
     """Every overdue loan as CSV (UTF-8 with a byte-order mark, so spreadsheet programs read Chinese)."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv_export.writer(out)
     writer.writerow(["barcode", "title", "card_number", "reader_name", "due_date", "days_overdue", "fine"])
     for barcode, title, card, name, due, late, fine in sorted(rows, key=lambda r: (-r[5], r[2], r[0])):
         writer.writerow([barcode, title, card, name, due.isoformat(), late, str(circ.money(fine))])

@@ -7,7 +7,6 @@ Chinese or English name (``东区分馆``, ``East Branch``), anywhere in the loc
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import circulation as circ
+from storage import csv_export
 from storage.catalog import Item, Record
 from storage.circulation import Loan
 from storage.people import Reader
@@ -89,7 +89,7 @@ async def overdue_loans(
 def overdue_csv(loans: Sequence[OverdueLoan]) -> bytes:
     """The list as CSV (UTF-8 with a byte-order mark, so spreadsheet programs read Chinese)."""
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = csv_export.writer(out)
     writer.writerow(["barcode", "title", "card_number", "name", "location", "due_on", "days_overdue", "fine"])
     for o in loans:
         writer.writerow([o.barcode, o.title, o.card, o.name, o.location, o.due_on.isoformat(), o.days, str(circ.money(o.fine_cents))])

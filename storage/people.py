@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import hashlib
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import ForeignKey, String, delete, select
+from sqlalchemy import ColumnElement, ForeignKey, String, case, delete, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from storage.db import Base, utcnow
+from storage.outbox import Priority, enqueue
 
 
 class Role(enum.IntEnum):
@@ -94,13 +99,22 @@ class Invite(Base):
 
 
 class LoginLock(Base):
-    """Failed logins counted per card and per Telegram user (keys ``card:…`` and ``user:…``)."""
+    """PIN attempts counted per card and per Telegram user (keys ``card:…`` and ``user:…``).
+
+    ``failures`` counts the attempts of the current window (one in progress counts until it proves
+    right) and ``locked_until`` is when that window ends; the key is locked while ``failures`` has
+    reached the limit and the window has not ended. The fifth failure starts a fresh 15-minute window.
+    """
 
     __tablename__ = "login_locks"
 
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     failures: Mapped[int] = mapped_column(default=0)
     locked_until: Mapped[dt.datetime | None]
+
+    def locked(self, now: dt.datetime) -> bool:
+        """True while this key may not try another PIN."""
+        return self.failures >= MAX_FAILURES and self.locked_until is not None and self.locked_until > now
 
 
 # OWASP's recommended Argon2id parameters (19 MiB, 2 passes): strong, and about 20 ms per hash.
@@ -180,12 +194,56 @@ class LoginResult:
     reader: Reader | None = None
 
 
-async def _lock(session: AsyncSession, key: str) -> LoginLock:
-    lock = await session.get(LoginLock, key, with_for_update=True)
-    if lock is None:
-        lock = LoginLock(key=key, failures=0)
-        session.add(lock)
-    return lock
+# A real Argon2id hash of a random PIN, with the parameters of every card's hash: an unknown card is
+# checked against it, so that it takes as long to refuse as a known card with a wrong PIN.
+_DUMMY_HASH: list[str] = []
+
+
+def _dummy_hash() -> str:
+    if not _DUMMY_HASH:
+        _DUMMY_HASH.append(hash_pin(secrets.token_hex(16)))
+    return _DUMMY_HASH[0]
+
+
+def _window_ended(now: dt.datetime) -> ColumnElement[bool]:
+    return or_(LoginLock.locked_until.is_(None), LoginLock.locked_until <= now)
+
+
+async def _claim_attempt(session: AsyncSession, key: str, now: dt.datetime) -> bool:
+    """Count one PIN attempt against ``key`` before the PIN is checked; False when the key is locked.
+
+    One conditional ``UPDATE … RETURNING``: the database counts (PostgreSQL re-reads the row a
+    concurrent attempt changed, SQLite runs one writer at a time), so however many attempts arrive
+    together, at most ``MAX_FAILURES`` are let through per window.
+    """
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    await session.execute(
+        insert(LoginLock).values(key=key, failures=0, locked_until=None).on_conflict_do_nothing(index_elements=["key"])
+    )
+    until = literal(now + LOCK_DURATION, LoginLock.__table__.c.locked_until.type)
+    ended = _window_ended(now)
+    claimed = await session.scalar(
+        update(LoginLock)
+        .where(LoginLock.key == key, or_(ended, LoginLock.failures < MAX_FAILURES))
+        .values(
+            failures=case((ended, 1), else_=LoginLock.failures + 1),
+            # a new window starts with its first attempt; the last allowed one locks for a full window
+            locked_until=case((ended, until), (LoginLock.failures + 1 >= MAX_FAILURES, until), else_=LoginLock.locked_until),
+        )
+        .returning(LoginLock.failures)
+        .execution_options(synchronize_session=False)
+    )
+    return claimed is not None
+
+
+async def _give_back(session: AsyncSession, keys: list[str]) -> None:
+    """Uncount an attempt that was not a failure (the PIN was right, or it could not be checked)."""
+    await session.execute(
+        update(LoginLock)
+        .where(LoginLock.key.in_(keys), LoginLock.failures > 0)
+        .values(failures=LoginLock.failures - 1)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def login(
@@ -194,37 +252,96 @@ async def login(
     card_number: str,
     pin: str,
     now: dt.datetime,
-    verify: bool | None = None,
+    verify: Callable[[], Awaitable[bool]] | None = None,
+    tz: dt.tzinfo = dt.UTC,
 ) -> LoginResult:
     """Link ``card_number`` to the Telegram user when the PIN is right.
 
-    Five failures per card or per Telegram user lock both for 15 minutes; a locked login answers
-    LOCKED without checking the PIN, so guessing during the lock teaches nothing. ``verify`` lets an
-    external library system decide the PIN (it is then checked there, not against the local hash).
+    At most five wrong PINs are checked per card and per Telegram user (across cards) in a
+    15-minute window, whatever the concurrency: each attempt is counted before its PIN is checked,
+    and given back only when the PIN proves right. A locked login answers LOCKED without checking
+    the PIN, so guessing during the lock teaches nothing. An unknown card costs a PIN check as well.
+    ``verify`` lets an external library system decide the PIN (called only once the attempt is
+    counted). Commits the session: the count must be durable before the PIN is checked. When the
+    card was linked to other Telegram accounts, each of them is told at once.
     """
     card_number = card_number.strip()[:64]
-    locks = [await _lock(session, f"card:{card_number}"), await _lock(session, f"user:{telegram_id}")]
-    if any(lock.locked_until is not None and lock.locked_until > now for lock in locks):
+    card_key, user_key = f"card:{card_number}", f"user:{telegram_id}"
+    if not await _claim_attempt(session, card_key, now):
+        await session.commit()
         return LoginResult(LoginOutcome.LOCKED)
-    reader = await session.scalar(select(Reader).where(Reader.card_number == card_number))
-    ok = verify if verify is not None else reader is not None and pin_matches(reader.pin_hash, pin)
+    if not await _claim_attempt(session, user_key, now):
+        await _give_back(session, [card_key])
+        await session.commit()
+        return LoginResult(LoginOutcome.LOCKED)
+    await session.commit()  # the attempt is counted, and SQLite's write lock released, before the slow check
+    try:
+        if verify is not None:
+            ok = await verify()
+            reader = await session.scalar(select(Reader).where(Reader.card_number == card_number))
+        else:
+            reader = await session.scalar(select(Reader).where(Reader.card_number == card_number))
+            stored = reader.pin_hash if reader is not None else _dummy_hash()
+            ok = await asyncio.to_thread(pin_matches, stored, pin) and reader is not None
+    except BaseException:
+        await _give_back(session, [card_key, user_key])  # not checked: not a failure
+        await session.commit()
+        raise
     if not ok or reader is None:
-        for lock in locks:
-            lock.failures += 1
-            if lock.failures >= MAX_FAILURES:
-                lock.locked_until = now + LOCK_DURATION
-                lock.failures = 0
         return LoginResult(LoginOutcome.FAILED)
-    for lock in locks:
-        lock.failures = 0
-        lock.locked_until = None
+    await _give_back(session, [card_key, user_key])
     user = await session.get(User, telegram_id)
     if user is None:
         user = await touch_user(session, telegram_id)
+    if user.reader_id != reader.id:
+        await _tell_earlier_holders(session, reader, telegram_id, now, tz)
     user.reader_id = reader.id
     if reader.expires_on is not None and reader.expires_on < now.date():
         return LoginResult(LoginOutcome.CARD_EXPIRED, reader)
     return LoginResult(LoginOutcome.OK, reader)
+
+
+def masked_card(card_number: str) -> str:
+    """A card number as shown in messages about it: only its last four characters."""
+    return "…" + card_number[-4:] if len(card_number) > 4 else card_number
+
+
+async def _tell_earlier_holders(
+    session: AsyncSession, reader: Reader, telegram_id: int, now: dt.datetime, tz: dt.tzinfo
+) -> None:
+    """Tell every other account linked to the card, at once, that one more account was linked."""
+    others = await session.scalars(
+        select(User.telegram_id).where(User.reader_id == reader.id, User.telegram_id != telegram_id)
+    )
+    when = now.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+    for other in others:
+        await enqueue(
+            session, other, "account.card_linked_elsewhere", {"card": masked_card(reader.card_number), "when": when},
+            kind="alert", priority=Priority.ALERT, buttons=[[["account.btn_linked_accounts", "linked:list"]]],
+        )
+
+
+async def linked_accounts(session: AsyncSession, telegram_id: int) -> list[User]:
+    """Every Telegram account linked to the same card as ``telegram_id`` (itself first); empty without a card."""
+    user = await session.get(User, telegram_id)
+    if user is None or user.reader_id is None:
+        return []
+    users = list(await session.scalars(select(User).where(User.reader_id == user.reader_id)))
+    return sorted(users, key=lambda u: (u.telegram_id != telegram_id, u.started_at, u.telegram_id))
+
+
+async def unlink_account(session: AsyncSession, telegram_id: int, other_id: int) -> bool:
+    """Unlink ``other_id`` from the card of ``telegram_id``; False unless both hold the same card."""
+    user = await session.get(User, telegram_id)
+    if user is None or user.reader_id is None or other_id == telegram_id:
+        return False
+    result = await session.execute(
+        update(User)
+        .where(User.telegram_id == other_id, User.reader_id == user.reader_id)
+        .values(reader_id=None)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def logout(session: AsyncSession, telegram_id: int) -> bool:
@@ -291,12 +408,17 @@ async def redeem_invite(
     session: AsyncSession, code: str, telegram_id: int, name: str, now: dt.datetime
 ) -> tuple[InviteOutcome, Role | None]:
     """Grant the invite's role to the first user who opens it, once, before it expires."""
-    invite = await session.get(Invite, _code_hash(code.strip()), with_for_update=True)
-    if invite is None or invite.used_by is not None or invite.expires_at <= now:
+    # One conditional UPDATE: of several people opening the link at once, exactly one changes the row.
+    claimed = await session.scalar(
+        update(Invite)
+        .where(Invite.code_hash == _code_hash(code.strip()), Invite.used_by.is_(None), Invite.expires_at > now)
+        .values(used_by=telegram_id, used_at=now)
+        .returning(Invite.role)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed is None:
         return InviteOutcome.INVALID, None
-    invite.used_by = telegram_id
-    invite.used_at = now
-    role = Role.parse(invite.role)
+    role = Role.parse(claimed)
     current = await session.get(StaffMember, telegram_id)
     if current is None or Role.parse(current.role) < role:
         await add_staff(session, telegram_id, role, name)

@@ -10,7 +10,6 @@ requests counting for neither.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import statistics
@@ -22,6 +21,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage import csv_export
 from storage.events import EventStats, event_stats
 from storage.ill import CLOSED, FILLED, ORDER, IllKind, IllRequest, IllStatus
 
@@ -163,7 +163,7 @@ class StatsReport:
     def to_csv(self) -> str:
         """The numbers, one per row: ``section,metric,key,value`` (rates as fractions, times in days/hours)."""
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        writer = csv_export.writer(out, lineterminator="\n")
         writer.writerow(["section", "metric", "key", "value"])
         ill = self.ill
         writer.writerow(["period", "since", "", self.since.isoformat() if self.since else ""])
@@ -232,6 +232,23 @@ def _rating_line(w: dict[str, str], average: float | None, count: int) -> str:
     if average is None or not count:
         return f"{w['rating']}{w['colon']}{w['no_ratings']}"
     return f"{w['rating']}{w['colon']}" + w["rating_detail"].format(avg=f"{average:.2f}", n=count)
+
+
+# The dates a period may name: wide enough for any library's history and plans, narrow enough that
+# the day after and the time-zone shift of either end stay valid dates (0001-01-01 or 9999-12-31 overflow).
+FIRST_DAY = dt.date(2000, 1, 1)
+LAST_DAY = dt.date(2099, 12, 31)
+
+
+class PeriodOutOfRange(ValueError):
+    """A period naming a date before ``FIRST_DAY`` or after ``LAST_DAY``."""
+
+
+def check_period(since: dt.date | None, until: dt.date | None) -> None:
+    """Raise ``PeriodOutOfRange`` unless both ends lie between ``FIRST_DAY`` and ``LAST_DAY``."""
+    for day in (since, until):
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise PeriodOutOfRange(f"{day.isoformat()} is outside {FIRST_DAY.isoformat()}…{LAST_DAY.isoformat()}")
 
 
 def local_bounds(since: dt.date | None, until: dt.date | None, tz: ZoneInfo) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -334,7 +351,9 @@ def _week_series(
 async def service_stats(
     session: AsyncSession, since: dt.date | None, until: dt.date | None, tz: ZoneInfo, now: dt.datetime
 ) -> StatsReport:
-    """Every service figure for the period from ``since`` to ``until`` (local dates, both included)."""
+    """Every service figure for the period from ``since`` to ``until`` (local dates, both included);
+    ``PeriodOutOfRange`` for a date outside ``FIRST_DAY``…``LAST_DAY``."""
+    check_period(since, until)
     report = StatsReport(since, until, now, tz, await ill_figures(session, since, until, tz, now))
     report.events = await event_stats(session, *local_bounds(since, until, tz), now)
     try:

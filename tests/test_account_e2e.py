@@ -181,3 +181,53 @@ async def test_a_message_of_telegram_s_maximum_length_is_handled(bot_env: Embedd
     await ann.send("/login")
     assert "send your PIN" in texts(await ann.send("x" * 4096))
     assert "do not match" in texts(await ann.send("5678"))
+
+
+async def test_a_card_linked_by_a_second_account_tells_the_first_who_unlinks_it_in_settings(bot_env: EmbeddedBot) -> None:
+    await _card(bot_env, "R1001", "5678")
+    ann = await bot_env.person(1001, language_code="en", first_name="Ann")
+    eve = await bot_env.person(6666, language_code="en", first_name="Eve")
+    assert "Your card is linked" in texts(await ann.send("/login R1001 5678"))
+    assert "Your card is linked" in texts(await eve.send("/login R1001 5678"))
+    for _ in range(100):  # the warning is a push: it comes through the outbox
+        if "linked to another Telegram account" in texts(ann.bot_messages()):
+            break
+        await asyncio.sleep(0.05)
+    warning = texts(ann.bot_messages())
+    assert "Your library card …1001 was linked to another Telegram account" in warning and "/settings" in warning
+    listed = texts(await ann.send("/settings"))
+    assert "Ann (id …1001) — this chat" in listed and "Eve (id …6666)" in listed
+    after = texts(await ann.press("unlink:6666"))
+    assert "Ann (id …1001) — this chat" in after and "Eve" not in after
+    assert "No library card" in texts(await eve.send("/logout"))  # Eve holds nothing any more
+    # A forged button for oneself changes nothing: Ann keeps her card.
+    await ann.press_data(ann.bot_messages()[-1]["message_id"], "unlink:1001")
+    assert "R1001" in texts(await ann.send("/privacy"))
+
+
+async def test_thirty_wrong_pins_sent_at_once_from_thirty_accounts_check_five(bot_env: EmbeddedBot) -> None:
+    """Fired concurrently at the running bot (#13: 13 of 30 were checked, and the card often taken over)."""
+    from tests.auxil.chat import relax_flood_control
+
+    relax_flood_control(bot_env)
+    await _card(bot_env)
+    people = [await bot_env.person(7000 + n, language_code="en") for n in range(30)]
+    answers = await asyncio.gather(*(p.send(f"/login R1001 {n:04d}") for n, p in enumerate(people)))
+    said = [texts(a) for a in answers]
+    assert sum("do not match" in s for s in said) == 5
+    assert sum("paused for 15 minutes" in s for s in said) == 25
+    owner = await bot_env.person(8000, language_code="en")
+    assert "paused for 15 minutes" in texts(await owner.send("/login R1001 5678"))
+
+
+async def test_eight_people_opening_one_invite_at_once_make_one_duty_officer(bot_env: EmbeddedBot) -> None:
+    async with bot_env.db.session() as s:
+        code = await create_invite(s, Role.DUTY_OFFICER, bot_env.now())
+    people = [await bot_env.person(9000 + n, language_code="en") for n in range(8)]
+    answers = await asyncio.gather(*(p.send(f"/start inv_{code}") for p in people))
+    assert sum("Welcome to the team" in texts(a) for a in answers) == 1
+    assert sum("not valid" in texts(a) for a in answers) == 7
+    async with bot_env.db.session() as s:
+        from storage.people import StaffMember
+
+        assert await s.scalar(select(func.count()).select_from(StaffMember)) == 1

@@ -195,7 +195,11 @@ async def test_empty_loans_file_returns_nothing(db: Database, tmp_path: Path) ->
 async def test_garbage_loans_never_crash(db: Database, tmp_path: Path, body: str) -> None:
     path = tmp_path / "g.csv"
     path.write_text("barcode,card_number,checked_out_at,due_at,renewals\n" + body, encoding="utf-8")
-    report = await import_loans(db, path, now=NOW)
+    try:
+        report = await import_loans(db, path, now=NOW)
+    except CircImportError as exc:  # a line that cannot be read refuses the snapshot, naming it
+        assert "line " in str(exc)
+        return
     assert report.created == 0  # no such items or cards exist
     assert all(isinstance(line, int) and reason for line, reason in report.skipped)
 
@@ -225,3 +229,100 @@ async def test_demo_circulation_has_every_state(db: Database) -> None:
     assert {v.refusal for v in third} == {RenewalRefused.FINES_TOO_HIGH, RenewalRefused.OVERDUE_TOO_LONG}
     fourth = await service.loans(ids["D0004"])
     assert [v.refusal for v in fourth] == [RenewalRefused.CARD_EXPIRED]
+
+
+# --- stray quotes and wrong field counts (#13): exactly the shapes that lost rows --------------------
+
+
+async def test_ten_stray_quotes_in_ten_thousand_readers_skip_exactly_those_ten_lines(db: Database, tmp_path: Path) -> None:
+    from sqlalchemy import insert
+
+    from tests.circ_helpers import pin_hash
+
+    # The cards exist already (hashing 10,000 PINs would take minutes); the file renames them all.
+    async with db.session() as s:
+        await s.execute(insert(Reader), [
+            {"card_number": f"R{n:05d}", "name": f"Old {n}", "pin_hash": pin_hash(), "category": "adult"}
+            for n in range(10_000)
+        ])
+    stray = {n * 997 + 13 for n in range(10)}  # ten rows spread over the file, each with one unclosed quote
+    rows = [
+        f'R{n:05d},"Reader {n},,adult,' if n in stray else f"R{n:05d},Reader {n},,adult,"
+        for n in range(10_000)
+    ]
+    path = write(tmp_path, "readers.csv", "card_number,name,pin,category,expires_on\n" + "\n".join(rows) + "\n")
+    report = await import_readers(db, path)
+    assert report.updated == 9_990
+    assert [line for line, _ in report.skipped] == sorted(n + 2 for n in stray)  # line 1 is the header
+    assert {reason for _, reason in report.skipped} == {'a quoted field is not closed on this line (a stray ")'}
+    async with db.session() as s:
+        names = dict((await s.execute(select(Reader.card_number, Reader.name))).all())
+    assert sum(name.startswith("Reader ") for name in names.values()) == 9_990
+    assert all(names[f"R{n:05d}"] == f"Old {n}" for n in stray)  # the broken rows changed nothing
+
+
+async def test_a_row_with_too_many_fields_is_named_and_only_it_skipped(db: Database, tmp_path: Path) -> None:
+    async with db.session() as s:
+        s.add(Record(control_number="ocm001", title="Known", isbns=[], call_number="QA76"))
+    path = write(tmp_path, "items.csv", (
+        "barcode,record_id,location,call_number,item_type,status\n"
+        "B1,ocm001,3F,,book,available\n"
+        "B2,ocm001,3F, Social Sciences,,book,available\n"   # an unquoted comma: one field too many
+        'B3,ocm001,"3F Social Sciences,,book,available\n'    # a quote left open
+        "B4,ocm001,2F,,book,available\n"
+        'B5,ocm001,"4F" Reading room,,book,available\n'      # text after a closing quote
+        "B6,ocm001,1F,,book,available\n"
+    ))
+    report = await import_items(db, path)
+    assert report.created == 3
+    assert report.skipped == [
+        (3, "7 fields where the header has 6"),
+        (4, 'a quoted field is not closed on this line (a stray ")'),
+        (6, "the line cannot be read as CSV (',' expected after '\"')"),
+    ]
+
+
+async def test_a_loans_snapshot_with_an_unreadable_line_is_refused_whole(db: Database, tmp_path: Path) -> None:
+    async with db.session() as s:
+        wanted = await title(s, "W", "Wanted")
+        for control in ("A", "B", "C", "D", "E", "F"):
+            await title(s, control, f"Title {control}")
+        await card(s, "C1")
+        waiting = await card(s, "C3", telegram_id=103)
+    async with db.session() as s:
+        for barcode in ("A-1", "B-1", "C-1", "D-1", "E-1", "F-1", "W-1"):
+            await circ.checkout(s, barcode, "C1", POLICY, NOW - dt.timedelta(days=5), TZ)
+        await circ.place_hold(s, waiting.id, wanted.id, POLICY, NOW, TZ)
+    path = write(tmp_path, "loans.csv", (
+        "barcode,card_number,checked_out_at,due_at,renewals\n"
+        'A-1,"C1,2025-03-05,2025-04-08,0\n'  # one stray quote: it used to swallow the six lines below
+        "B-1,C1,2025-03-05,2025-04-08,0\n"
+        "C-1,C1,2025-03-05,2025-04-08,0\n"
+        "D-1,C1,2025-03-05,2025-04-08,0\n"
+        "E-1,C1,2025-03-05,2025-04-08,0\n"
+        "F-1,C1,2025-03-05,2025-04-08,0\n"
+        "W-1,C1,2025-03-05,2025-04-08,0\n"
+    ))
+    with pytest.raises(CircImportError, match=r"refused, nothing changed: line 2: a quoted field is not closed"):
+        await import_loans(db, path, policy=POLICY, now=NOW)
+    async with db.session() as s:
+        assert await s.scalar(select(func.count()).select_from(Loan).where(Loan.returned_at.is_(None))) == 7
+        assert (await s.scalar(select(Hold))).status == HoldStatus.WAITING  # type: ignore[union-attr]
+        assert await outbox(s, 103) == []  # no false "your hold is ready"
+
+
+def test_the_cli_refuses_a_broken_loans_snapshot_in_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    path = write(tmp_path, "loans.csv", 'barcode,card_number,checked_out_at,due_at,renewals\nA-1,"C1,2025-03-05,2025-04-08,0\nB-1,C1,2025-03-05,2025-04-08,0\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBRARYBOT_", "TELEGRAM_"))}
+    env |= {"PYTHONPATH": str(root), "LIBRARYBOT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'l.db'}"}
+    subprocess.run([sys.executable, "-m", "bot.cli", "db", "upgrade"], env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "bot.cli", "import", "loans", str(path)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "refused, nothing changed: line 2: a quoted field is not closed" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

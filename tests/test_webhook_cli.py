@@ -112,3 +112,41 @@ def test_staff_commands_round_trip(tmp_path: Path) -> None:
     assert _cli("staff", "remove", "4242", env=env).returncode == 0
     missing = _cli("staff", "remove", "4242", env=env)
     assert missing.returncode == 1 and "not a staff member" in missing.stderr
+
+
+def test_run_with_a_token_telegram_rejects_says_so_in_one_line_without_the_token(tmp_path: Path) -> None:
+    """A rejected token used to print a 58-line traceback showing it (#13)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Unauthorized(BaseHTTPRequestHandler):
+        def _refuse(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"ok": False, "error_code": 401, "description": "Unauthorized"}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "123456:" + "B" * 35
+    try:
+        env = {"TELEGRAM_BOT_TOKEN": token, "LIBRARYBOT_TELEGRAM_API_URL": f"http://127.0.0.1:{server.server_port}/bot",
+               "LIBRARYBOT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", "LIBRARYBOT_LOG_LEVEL": "DEBUG"}
+        result = _cli("run", env=env, cwd=tmp_path)
+    finally:
+        server.shutdown()
+    assert result.returncode == 1
+    assert "librarybot: Telegram rejected the bot token" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "B" * 35 not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("librarybot:")]
+    assert len(errors) == 1
