@@ -208,17 +208,28 @@ class _EncodingWatch:
         self.warned = False
         self.suspected: str | None = None
 
-    def look(self, data: bytes, configured: str, address: str) -> None:
+    def look(self, data: bytes, configured: str, address: str, *, decode_errors: bool = False) -> None:
+        """Look at one answer's bytes: the first that seem to be in another encoding (or that do not
+        decode at all) get the warning; later ones are not told again."""
         if self.warned:
             return
         guess = p.guess_encoding(data, configured)
-        if guess is None:
+        if guess is None and not decode_errors:
             return
         self.warned = True
         self.suspected = guess
+        if guess is None:
+            log.warning(
+                "SIP2: an answer from %s is not valid %s; odd characters were replaced — check "
+                "LIBRARYBOT_SIP2_ENCODING (many Chinese systems use gb18030)",
+                address,
+                configured,
+            )
+            return
         log.warning(
             "SIP2: the library system at %s seems to send %s, but LIBRARYBOT_SIP2_ENCODING is %s: names and "
-            "titles will be garbled; set LIBRARYBOT_SIP2_ENCODING=%s (or change the server's encoding)",
+            "titles are garbled — check LIBRARYBOT_SIP2_ENCODING: set LIBRARYBOT_SIP2_ENCODING=%s "
+            "(or change the server's encoding)",
             address,
             guess,
             configured,
@@ -680,16 +691,7 @@ class Sip2Client:
                 await self._send(p.resend_request().build(None, c.error_detection, c.encoding), first=False)
                 continue
             break
-        self._encoding_watch.look(data, c.encoding, c.address)
-        if msg.decode_errors:
-            log.warning(
-                "SIP2 %s: the %s from %s is not valid %s; odd characters were replaced — "
-                "check LIBRARYBOT_SIP2_ENCODING (many Chinese systems use gb18030)",
-                self.name,
-                msg.name,
-                c.address,
-                c.encoding,
-            )
+        self._encoding_watch.look(data, c.encoding, c.address, decode_errors=msg.decode_errors)
         # A resent answer (after our 97) carries AY0 from Evergreen's SIPServer and others like it,
         # whatever our request's number was: that is how they resend, not a lost step.
         accepted = {seq, 0} if asked_resend else {seq}
@@ -821,11 +823,18 @@ class Sip2Pool:
     async def connection(self) -> AsyncIterator[Sip2Client]:
         """Borrow one connection for several requests in a row (e.g. patron info then renew)."""
         free = self._start()
-        client = await free.get()
+        client = await self._free_client(free)
         try:
             yield client
         finally:
             free.put_nowait(client)
+
+    async def _free_client(self, free: asyncio.Queue[Sip2Client]) -> Sip2Client:
+        """The next free connection still in the pool (retired ones are dropped as they come up)."""
+        while True:
+            client = await free.get()
+            if client in self.clients:
+                return client
 
     async def login(self) -> None:
         """Open and log in every connection now (instead of on first use), one after another, so a
@@ -844,7 +853,7 @@ class Sip2Pool:
         leaves the pool for good and the work runs on one that works (nothing was sent on it)."""
         free = self._start()
         while True:
-            client = await free.get()
+            client = await self._free_client(free)
             give_back = True
             try:
                 return await work(client)
@@ -862,14 +871,16 @@ class Sip2Pool:
         others = [c for c in self.clients if c is not client and c.connected]
         if not others or client not in self.clients:
             return False
-        self.clients.remove(client)
+        # The logged-in ones are what the account may hold: the never-opened ones go too, so no
+        # later burst waits for their logins to go unanswered.
+        self.clients = others
         self.connection_limit = len(self.clients)
         log.warning(
-            "SIP2: the library system at %s did not answer a login on connection %d while %d other(s) were "
+            "SIP2: the library system at %s did not answer a login on %s while %d other connection(s) were "
             "logged in: it allows this account %d connection(s); the pool now uses %d "
             "(set LIBRARYBOT_SIP2_POOL_SIZE=%d to start with that)",
             self.config.address,
-            len(self.clients) + 1,
+            client.name,
             len(others),
             len(self.clients),
             len(self.clients),

@@ -311,10 +311,10 @@ class ReplayServer:
         if req.code == "97":
             if conn.last_response is None:
                 return None
-            body = p.strip_error_detection(conn.last_response)
+            resent = p.strip_error_detection(conn.last_response)
             if not req.error_detection or self.resend_strips_error_detection:
-                return self._encode(body)
-            head = body + "AY0AZ"  # the live server resends with sequence 0, whatever the request's
+                return self._encode(resent)
+            head = resent + "AY0AZ"  # the live server resends with sequence 0, whatever the request's
             return self._encode(head + p.checksum(head, self.encoding))
         if req.code == "93":
             return self._encode(self._finish(conn, self._login(conn, req), req))
