@@ -18,9 +18,9 @@ What SIP2 cannot provide stays in the local store: the catalogue (a title's copi
 ``Item`` rows), notice records, ILL and tickets. A SIP2 login creates or refreshes the local
 ``Reader`` row of the card (name from AE, expiry from the common PA extension, blocked from the
 patron status) with the pin hash ``"!sip2"``, which no PIN ever matches, so ``User.reader_id``
-works as with local cards. The reader's PIN is never kept: later requests send an empty AD, so
-the SIP2 account must be allowed to act for patrons without their password (the usual set-up
-of a self-check account).
+works as with local cards. The reader's PIN is never kept: later requests leave AD out (an empty
+AD is refused by Evergreen's and Koha's servers), so the SIP2 account must be allowed to act for
+patrons without their password (the usual set-up of a self-check account).
 
 Renewals. SIP2 does not say how often a loan was renewed. The bot keeps its own note of every
 renewal it made (``PersistedState`` rows of kind ``sip2-renewal``, key ``<reader>:<n>:<barcode>``),

@@ -371,3 +371,14 @@ def test_the_server_dir_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
         LiveSipServer(tmp_path / "state").start()
     monkeypatch.delenv("LIBRARYBOT_SIP2_SERVER_DIR")
     assert server_dir() == ROOT.parent / "shared" / "peers" / "evergreen-sipserver"
+
+
+def test_fines_from_the_system_read_in_both_languages() -> None:
+    from handlers.loans import _fines_text
+
+    fines = AccountFines(Decimal("12.50"), "¥", ("Lost card", "<Computer Time>"))
+    assert "You owe the library <b>¥12.50</b>" in _fines_text("en", fines)
+    assert "&lt;Computer Time&gt;" in _fines_text("en", fines)  # the system's words, escaped
+    assert "<b>¥12.50</b>" in _fines_text("zh", fines) and "Lost card" in _fines_text("zh", fines)
+    assert _fines_text("en", AccountFines(None, "¥", ("Computer Time",))).strip().startswith("💰 Charges")
+    assert _fines_text("en", None) == ""

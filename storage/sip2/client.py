@@ -30,13 +30,19 @@ How the client behaves, and why:
 
 * One request at a time per connection (SIP2 has no pipelining); ``Sip2Pool`` spreads concurrent
   callers over ``pool_size`` connections, each logged in when opened.
+* Many servers allow an account fewer connections than ``pool_size`` (Evergreen's SIPServer as
+  small installations run it: one); the extra login is accepted and never answered. When that
+  happens while another connection is logged in, the pool keeps only the logged-in ones
+  (``connection_limit``) and the request goes out on one of them: nothing was sent on the hung one.
 * Every connect, write and read has ``timeout`` seconds; a server that accepts and never answers
   costs a caller at most that much per step, then ``Sip2Unavailable``, and the connection is
   dropped (a late answer must never be read as the answer to the next request).
 * Lookups (23, 63, 17, 99) are retried once on a fresh connection if the server closed the
   connection under them. Renew, renew all, hold and end session never are once written: the
   library's system may have acted, and a renewal must not happen twice.
-* A response with a bad checksum is asked for again (97: the server resends, it does not redo);
+* The checksum is checked on the bytes first: a response with a bad checksum (even in its message
+  code), or without AY/AZ while error detection is on, is asked for again (97: the server resends,
+  it does not redo; Evergreen resends with sequence number 0, which is accepted);
   a 96 from the server means it could not read ours and did nothing, so ours is sent again.
 * Passwords (CO, AD, AC) never reach the log; debug logging shows masked messages.
 """
