@@ -874,8 +874,10 @@ class Sip2Pool:
     def _retire(self, client: Sip2Client) -> bool:
         """Take ``client`` out of the pool after its login went unanswered; False (kept) when no
         other connection is logged in, so the server may simply be down."""
+        if client not in self.clients:
+            return True  # already taken out by a shrink while its login hung: the work goes on
         others = [c for c in self.clients if c is not client and c.connected]
-        if not others or client not in self.clients:
+        if not others:
             return False
         # The logged-in ones are what the account may hold: the never-opened ones go too, so no
         # later burst waits for their logins to go unanswered.
