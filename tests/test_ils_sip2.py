@@ -492,6 +492,11 @@ async def test_renew_all_trusts_the_ok_flag_the_counts_and_the_readers_loans(
     counted = await sip2.renew_all(reader)  # the list names the loan, the count says none: the count wins
     assert [(o.barcode, o.ok, o.message) for o in counted] == [(PERL, False, "Nothing was renewed today")]
 
+    for flag in ("0", "1"):  # a clean refusal with only the system's words is not "no loans"
+        server.respond_next_with(f"66{flag}00000000{stamp}AOUWOLS|AFYour card has expired|")
+        clean = await sip2.renew_all(reader)
+        assert [(o.barcode, o.ok, o.message) for o in clean] == [("", False, "Your card has expired")]
+
     async with db.session() as s:
         notes = list(await s.scalars(select(PersistedState.key).where(PersistedState.kind == "sip2-renewal")))
     assert notes == [f"{reader}:0:{PERL}"]  # one note, for the real loan renewed once

@@ -27,7 +27,7 @@ from sqlalchemy import select
 from bot.embedded import EmbeddedBot
 from storage.catalog import Item, Record
 from storage.db import Database
-from storage.ils import AccountFines
+from storage.ils import AccountFines, CirculationUnavailable
 from storage.ils_sip2 import RENEWALS, Sip2Circulation
 from storage.people import Reader, User
 from storage.policy import Policy
@@ -259,6 +259,33 @@ async def test_a_renewal_whose_login_went_unanswered_is_sent_once_on_the_working
         [view] = await service.loans(reader)
         assert view.renewals == 1
         assert the_day(due[PERL]) <= view.due_at.date().isoformat()
+    finally:
+        await service.close()
+
+
+async def test_a_renewal_that_never_left_keeps_no_note_and_can_be_sent_again(
+    db: Database, live: LiveSipServer
+) -> None:
+    """(5) The whole account is held elsewhere: the renewal's login hangs, nothing is written, the
+    reader is told "not answering", and no "unknown" note stays behind: the same button renews once
+    the system answers, and the list counts that one renewal."""
+    service = Sip2Circulation(db, Policy(), live.config(pool_size=1), rate=1000)
+    try:
+        reader = await reader_row(db, "djfiander")
+        async with Sip2Client(live.config(), name="elsewhere") as elsewhere:
+            await elsewhere.login()
+            with pytest.raises(CirculationUnavailable) as failed:
+                await service.renew(reader, PERL, expected_renewals=0)
+        assert isinstance(failed.value.__cause__, Sip2Unavailable)
+        assert not failed.value.__cause__.may_have_reached_server
+        async with db.session() as s:
+            assert list(await s.scalars(select(PersistedState.key).where(PersistedState.kind == RENEWALS))) == []
+
+        await lend(live, "djfiander", PERL)
+        outcome = await service.renew(reader, PERL, expected_renewals=0)
+        assert outcome.ok
+        [view] = await service.loans(reader)
+        assert view.renewals == 1  # "Renewed 1 of ?", not "2 of ?"
     finally:
         await service.close()
 

@@ -109,7 +109,8 @@ async def lend(server: LiveSipServer, patron: str, *items: str) -> dict[str, str
     """Check ``items`` out to ``patron`` (11) on a connection of its own, closed before returning (the
     account holds one connection at a time). Returns each item's due date as the server sent it."""
     due: dict[str, str] = {}
-    async with Sip2Client(server.config(), name="lender") as client:
+    # A generous timeout: the server may first be replacing a worker a hung login left behind.
+    async with Sip2Client(server.config(timeout=10.0), name="lender") as client:
         for item in items:
             now = dt.datetime.now()  # the server's own clock decides the due date; this is only sent
             fixed = "NN" + p.format_timestamp(now) + " " * 18
