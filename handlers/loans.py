@@ -176,7 +176,9 @@ def _fines_text(lang: str, fines: AccountFines | None) -> str:
         return ""
     parts = []
     if fines.total is not None:
-        parts.append(t(lang, "sip2.fines_total", amount=f"{fines.currency}{fines.total}"))
+        code = len(fines.currency) == 3 and fines.currency.isalpha()  # an ISO code (BH), not a sign
+        amount = f"{fines.currency} {fines.total}" if code else f"{fines.currency}{fines.total}"
+        parts.append(t(lang, "sip2.fines_total", amount=_esc(amount)))
     if fines.items:
         parts.append(t(lang, "sip2.fines_items", items=_esc("; ".join(fines.items))))
     return "\n\n" + "\n".join(parts) if parts else ""
