@@ -278,7 +278,10 @@ def cmd_sip2_check(_args: argparse.Namespace) -> int:
     quiet = logging.getLogger("storage.sip2")
     level, quiet.level = quiet.level, logging.CRITICAL  # the screen tells it all, once
     try:
-        check = asyncio.run(run_check(config))
+        # Transaction dates go out in the library's time zone, as the bot sends them; the check
+        # compares the server's clock with it (#15).
+        tz = settings.tz
+        check = asyncio.run(run_check(config, lambda: dt.datetime.now(tz).replace(tzinfo=None), tz=tz))
     finally:
         quiet.setLevel(level)
     print(check.report)

@@ -33,6 +33,7 @@ from bot.i18n import t
 from bot.ui import Button, answer, edit, paginate, parse_page, reply
 from handlers.account import show_linked_accounts
 from storage.ils import (
+    AccountFines,
     CirculationService,
     CirculationUnavailable,
     HoldOutcome,
@@ -120,6 +121,8 @@ def _loans_text(context: ContextTypes.DEFAULT_TYPE, lang: str, loans: Sequence[L
         late = ""
         if loan.overdue_days > 0:
             late = t(lang, "loans.list_item_late", days=loan.overdue_days, fine=f"{loan.currency}{loan.fine}")
+        elif loan.fine > 0:  # a fee the library's system charges on a loan that is not overdue
+            late = t(lang, "sip2.loan_fine", fine=f"{loan.currency}{loan.fine}")
         blocks.append(
             t(lang, "loans.list_item", n=n, title=_esc(loan.title), barcode=_esc(loan.barcode),
               due=_date(context, loan.due_at), late=late, renewals=loan.renewals,
@@ -146,21 +149,40 @@ async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Wh
     assert me.reader_id is not None
     try:
         loans = await _circulation(context).loans(me.reader_id)
+        fines = await _circulation(context).fines(me.reader_id)
     except CirculationUnavailable:
         await _unavailable(update, context, me)
         return
     if update.callback_query is not None:
         await answer(update, context, lang=me.lang)
     if not loans:
+        if fines is not None:
+            await (edit if replace else reply)(update, context, "loans.text", lang=me.lang,
+                                               text=t(me.lang, "loans.none") + _fines_text(me.lang, fines))
+            return
         await (edit if replace else reply)(update, context, "loans.none", lang=me.lang)
         return
     chunk, nav = paginate(loans, page, PER_PAGE, "loans:page")
     first = loans.index(chunk[0])
-    text = _loans_text(context, me.lang, chunk, first, len(loans))
+    text = _loans_text(context, me.lang, chunk, first, len(loans)) + _fines_text(me.lang, fines)
     buttons = _loans_buttons(me.lang, chunk, first, services(context).now(), nav)
     # The text is rendered here (a list of loans is several catalogue messages); "=" passes it as is.
     send = edit if replace else reply
     await send(update, context, "loans.text", buttons=buttons, lang=me.lang, text=text)
+
+
+def _fines_text(lang: str, fines: AccountFines | None) -> str:
+    """What the library's system says the reader owes (its fee amount and fine items), or ""."""
+    if fines is None:
+        return ""
+    parts = []
+    if fines.total is not None:
+        code = len(fines.currency) == 3 and fines.currency.isalpha()  # an ISO code (BH), not a sign
+        amount = f"{fines.currency} {fines.total}" if code else f"{fines.currency}{fines.total}"
+        parts.append(t(lang, "sip2.fines_total", amount=_esc(amount)))
+    if fines.items:
+        parts.append(t(lang, "sip2.fines_items", items=_esc("; ".join(fines.items))))
+    return "\n\n" + "\n".join(parts) if parts else ""
 
 
 async def loans_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -198,6 +220,9 @@ async def _say_renewal(update: Update, context: ContextTypes.DEFAULT_TYPE, me: W
 async def _say_summary(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, outcomes: list[RenewalOutcome]) -> None:
     if not outcomes:
         await reply(update, context, "loans.none", lang=me.lang)
+        return
+    if all(not o.barcode for o in outcomes):  # the library's system refused renew all as a whole
+        await reply(update, context, "sip2.renew_all_refused", lang=me.lang, reason=_reason(context, me.lang, outcomes[0]))
         return
     lines = [t(me.lang, "loans.summary_header", ok=sum(o.ok for o in outcomes), total=len(outcomes))]
     for o in outcomes:

@@ -105,7 +105,11 @@ async def details_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
             details = await record_details(session, record_id)
     if details is not None:
         live = (await _live(context, [details.record_id])).get(details.record_id)
-        if live is not None:
+        if live is STALE:
+            details = dataclasses.replace(
+                details, availability=dataclasses.replace(details.availability, from_catalogue=True)
+            )
+        elif live is not None:
             types = {c.barcode: c.item_type for c in details.copies}
             copies = [
                 Copy(c.barcode, c.location, c.call_number, c.status, types.get(c.barcode, "book"), c.due_at)
@@ -165,8 +169,8 @@ async def _search(context: ContextTypes.DEFAULT_TYPE, query: str, page: int) -> 
         return results
     hits = [
         dataclasses.replace(h, availability=_summary(live[h.record_id], h.availability))
-        if h.record_id in live
-        else h
+        if h.record_id in live and live[h.record_id] is not STALE
+        else _stale(live, h)
         for h in results.hits
     ]
     return dataclasses.replace(results, hits=hits)
@@ -181,7 +185,17 @@ async def _live(context: ContextTypes.DEFAULT_TYPE, record_ids: list[int]) -> di
     try:
         return dict(await svc.circulation.availability(record_ids))
     except CirculationUnavailable:
-        return {}
+        return dict.fromkeys(record_ids, STALE)  # the catalogue's word stands, and says so
+
+
+STALE = object()  # "the library's system did not answer": the stored status is shown, marked (#15)
+
+
+def _stale(live: dict[int, Any], hit: Any) -> Any:
+    """A hit whose live status could not be read keeps the catalogue's, marked as such."""
+    if live.get(hit.record_id) is STALE:
+        return dataclasses.replace(hit, availability=dataclasses.replace(hit.availability, from_catalogue=True))
+    return hit
 
 
 def _summary(live: Any, stored: Availability) -> Availability:
@@ -190,7 +204,8 @@ def _summary(live: Any, stored: Availability) -> Availability:
     shelf = [c for c in copies if c.status == ON_SHELF] or copies
     where = Counter((c.location, c.call_number) for c in shelf).most_common(1)
     location, call_number = where[0][0] if where else (stored.location, stored.call_number)
-    return Availability(total=live.total, on_shelf=live.on_shelf, location=location, call_number=call_number)
+    return Availability(total=live.total, on_shelf=live.on_shelf, location=location, call_number=call_number,
+                        from_catalogue=bool(getattr(live, "from_catalogue", False)))
 
 
 def _results_message(
@@ -249,7 +264,7 @@ def _holdings(lang: str, a: Availability, call_number: str) -> str:
         total=a.total,
         location=a.location or "—",
         call_number=call_number or "—",
-    )
+    ) + (t(lang, "sip2.from_catalogue") if a.from_catalogue else "")
 
 
 def _details_params(me: Who, context: ContextTypes.DEFAULT_TYPE, d: RecordDetails) -> dict[str, object]:

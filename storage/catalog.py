@@ -90,6 +90,7 @@ class Availability:
     on_shelf: int = 0
     location: str = ""  # where a copy on the shelf is (else where the copies belong)
     call_number: str = ""
+    from_catalogue: bool = False  # with the library's system: its live status could not be read
 
     @property
     def holdable(self) -> bool:

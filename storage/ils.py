@@ -34,6 +34,7 @@ from storage.policy import Policy
 T = TypeVar("T")
 
 __all__ = [
+    "AccountFines",
     "Availability",
     "CardCheck",
     "CirculationService",
@@ -143,11 +144,22 @@ class Availability:
     on_shelf: int
     holds_waiting: int
     copies: tuple[CopyView, ...] = ()
+    from_catalogue: bool = False  # some copies' status is the catalogue's, not the system's word now
 
     @property
     def holdable(self) -> bool:
         """A reader may place a hold: there are copies, and none is on the shelf."""
         return self.total > 0 and self.on_shelf == 0
+
+
+@dataclass(frozen=True)
+class AccountFines:
+    """What the library's system says the reader owes beyond each loan's own fine: ``total`` (its
+    fee amount, None when it does not say) and ``items`` (its fine items, as it words them)."""
+
+    total: Decimal | None
+    currency: str
+    items: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -186,6 +198,11 @@ class CirculationService(Protocol):
 
     async def availability(self, record_ids: Sequence[int]) -> dict[int, Availability]:
         """Copies and queue of each title (titles without copies are left out)."""
+        ...
+
+    async def fines(self, reader_id: int) -> AccountFines | None:
+        """The reader's fines as the library's system keeps them; None when there is nothing more
+        to say than each loan's fine (the local store)."""
         ...
 
 
@@ -414,6 +431,10 @@ class LocalCirculation:
             }
 
         return await self._run(work)
+
+    async def fines(self, reader_id: int) -> AccountFines | None:
+        """Each loan's fine is on the list already; the local store keeps no other account."""
+        return None
 
 
 def sip2_config(settings: Any = None) -> Any:

@@ -18,9 +18,9 @@ What SIP2 cannot provide stays in the local store: the catalogue (a title's copi
 ``Item`` rows), notice records, ILL and tickets. A SIP2 login creates or refreshes the local
 ``Reader`` row of the card (name from AE, expiry from the common PA extension, blocked from the
 patron status) with the pin hash ``"!sip2"``, which no PIN ever matches, so ``User.reader_id``
-works as with local cards. The reader's PIN is never kept: later requests send an empty AD, so
-the SIP2 account must be allowed to act for patrons without their password (the usual set-up
-of a self-check account).
+works as with local cards. The reader's PIN is never kept: later requests leave AD out (an empty
+AD is refused by Evergreen's and Koha's servers), so the SIP2 account must be allowed to act for
+patrons without their password (the usual set-up of a self-check account).
 
 Renewals. SIP2 does not say how often a loan was renewed. The bot keeps its own note of every
 renewal it made (``PersistedState`` rows of kind ``sip2-renewal``, key ``<reader>:<n>:<barcode>``),
@@ -71,6 +71,7 @@ from storage.catalog import Item, Record
 from storage.circulation import Hold, ItemStatus, Loan, RenewalRefused
 from storage.db import Database, utcnow
 from storage.ils import (
+    AccountFines,
     Availability,
     CardCheck,
     CirculationUnavailable,
@@ -248,6 +249,7 @@ class Sip2Circulation:
         self._link_up: bool | None = None  # None: not known yet in this process
         self._probe: asyncio.Task[None] | None = None
         self._reader_locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._fines_seen: dict[int, AccountFines | None] = {}  # from the last loans(), for fines()
         self._drop_loan_source = notices.use_loan_source(db, self.notice_loans)
 
     @classmethod
@@ -513,6 +515,7 @@ class Sip2Circulation:
             return info, barcodes, await self._items(barcodes)
 
         info, barcodes, items = await self._ask(fetch)
+        self._fines_seen[reader_id] = await self._account_fines(card, info)
         local = await self._catalogue(barcodes)
         notes = await self._notes(RENEWALS, reader_id)
         renewals = await self._renewals(reader_id, notes)
@@ -544,6 +547,40 @@ class Sip2Circulation:
                 )
             )
         return sorted(views, key=lambda v: (v.due_at, v.barcode))
+
+    async def fines(self, reader_id: int) -> AccountFines | None:
+        """The fee amount (BV) and fine items (AV) the system keeps for the reader: from the list
+        just read by ``loans`` when there is one, else asked now (63)."""
+        if reader_id in self._fines_seen:
+            return self._fines_seen.pop(reader_id)
+        reader = await self._reader(reader_id)
+        if reader is None:
+            return None
+        card = reader.card_number
+        info = await self._ask(lambda: self.pool.patron_information(card, "", summary=None, start=None))
+        return await self._account_fines(card, info)
+
+    async def _account_fines(self, card: str, info: p.PatronInfo) -> AccountFines | None:
+        """BV of a 64, and its fine items (a 63 with the fine summary) when it counts any."""
+        total: Decimal | None = None
+        if info.fee_amount and info.fee_amount.strip():
+            try:
+                total = Decimal(info.fee_amount.strip()).quantize(Decimal("0.01"))
+            except InvalidOperation:
+                log.warning("SIP2: a fee amount that is not a number: %r", info.fee_amount[:40])
+        items: list[str] = []
+        if info.fine_items_count:
+            try:
+                listed = await self._ask(
+                    lambda: self.pool.patron_information(card, "", summary="fine", start=1, end=info.fine_items_count)
+                )
+                items = _unique(listed.fine_items)
+            except CirculationUnavailable:
+                items = []  # the total (if any) still stands; the list is a detail
+        if not items and (total is None or total <= 0):
+            return None
+        currency = (info.currency or "").strip() or self.policy.circulation.currency
+        return AccountFines(total if total is not None and total > 0 else None, currency, tuple(items))
 
     def _fine(self, item: p.ItemInfo, late: int, category: str, item_type: str) -> Decimal:
         """The system's fee on the item (BV) when it sends one, else the policy's estimate."""
@@ -689,11 +726,28 @@ class Sip2Circulation:
         if press is not None:
             await self._note(RENEW_ALL, f"{reader.id}:{press}", {"state": "done", "at": _iso(self.clock())})
         message = _screen(result.screen_messages)
-        renewed = _unique(result.renewed_items)
-        refused = [b for b in _unique(result.unrenewed_items) if b not in renewed]
+        if not result.ok:
+            # Refused as a whole (ok 0): nothing was renewed, whatever placeholders the item lists
+            # hold (Evergreen sends BMARRAY(0x…) here). One outcome without a loan carries the
+            # system's words.
+            log.info("SIP2 renew all refused: %s", message or "no message")
+            return [RenewalOutcome("", "", False, None, message=message)]
+        # Only the reader's loans can have been renewed: anything else in the lists (placeholders
+        # such as ARRAY(0x…), another reader's items) is not shown and gets no note.
+        try:
+            _, charged = await self._ask(lambda: self._charged(reader.card_number))
+        except CirculationUnavailable:
+            charged = []
+        loans_now = set(charged)
+        renewed = [b for b in _unique(result.renewed_items) if b in loans_now]
+        refused = [b for b in _unique(result.unrenewed_items) if b not in renewed and b in loans_now]
+        if result.renewed_count is not None and len(renewed) > result.renewed_count:
+            # The count is the system's own word: never show more renewed than it says.
+            refused = renewed[result.renewed_count :] + refused
+            renewed = renewed[: result.renewed_count]
         if not renewed and not refused:
             if not result.renewed_count and not result.unrenewed_count:
-                return []
+                return [RenewalOutcome("", "", False, None, message=message)] if message else []
             # The counts without the lists: tell each loan as it now stands (and, when all were
             # renewed, note them, so this button does not renew them again).
             everything_renewed = not result.unrenewed_count
@@ -835,7 +889,13 @@ class Sip2Circulation:
                 await s.scalars(select(Item).where(Item.record_id.in_(ids)).order_by(Item.record_id, Item.id))
             )
         asked = [item.barcode for item in rows if _sendable(item.barcode)]
-        answers = dict(zip(asked, await self._ask(lambda: self._items(asked)), strict=True)) if asked else {}
+        try:
+            answers = dict(zip(asked, await self._ask(lambda: self._items(asked)), strict=True)) if asked else {}
+        except CirculationUnavailable as exc:
+            # The catalogue's status may be stale: it is shown, marked as the catalogue's word.
+            log.warning("SIP2: availability from the catalogue, the system did not answer: %s", exc)
+            answers = {}
+        stale: set[int] = set()
         copies: dict[int, list[CopyView]] = defaultdict(list)
         shelf: dict[int, int] = defaultdict(int)
         waiting: dict[int, int] = defaultdict(int)
@@ -843,6 +903,7 @@ class Sip2Circulation:
             info = answers.get(item.barcode)
             if info is None or not info.found:  # the system does not know this copy: the catalogue's word
                 status, due, location, call_number = item.status, None, item.location, item.call_number
+                stale.add(item.record_id)
             else:
                 status = ITEM_STATUSES.get(info.circulation_status or 1, "other")
                 due = self._when(info.due_date)
@@ -853,7 +914,8 @@ class Sip2Circulation:
             if status == ItemStatus.AVAILABLE and item.item_type not in self.policy.circulation.non_loanable_types:
                 shelf[item.record_id] += 1
         return {
-            rid: Availability(rid, len(found), shelf[rid], waiting[rid], tuple(found)) for rid, found in copies.items()
+            rid: Availability(rid, len(found), shelf[rid], waiting[rid], tuple(found), from_catalogue=rid in stale)
+            for rid, found in copies.items()
         }
 
     # -- the daily notice cycle -----------------------------------------------------------------

@@ -29,6 +29,7 @@ from storage.notices import run_notice_cycle
 from storage.outbox import Delivery
 from storage.people import LoginLock, LoginOutcome, Reader, User, login, pin_matches
 from storage.policy import Policy
+from storage.sip2 import protocol as p
 from storage.sip2.client import Sip2Config
 from storage.sip2.replay import SYNTHETIC_PIN, ReplayServer, default_exchanges_path
 from storage.state import PersistedState
@@ -473,3 +474,34 @@ async def test_sip2_check_command(
     [line] = err_bytes.decode().strip().splitlines()
     assert line.startswith("librarybot: SIP2 check failed:") and "refused the SIP2 login" in line
     assert "WRONG" not in line
+
+
+async def test_renew_all_trusts_the_ok_flag_the_counts_and_the_readers_loans(
+    db: Database, sip2: Sip2Circulation, server: ReplayServer
+) -> None:
+    """(#15) What the live Evergreen SIPServer sends in a 66: placeholders such as ARRAY(0x…) in the
+    item lists of a refusal, which must never be shown as renewed nor get a renewal note."""
+    reader = await linked(db, sip2, 701, "djfiander", "6789")
+    stamp = p.format_timestamp(RECORDED_AT)
+
+    server.respond_next_with(f"6600000000{stamp}AOUWOLS|BMARRAY(0x555d47525720)|BNARRAY(0x555d47602388)|"
+                             "AFInvalid patron password.|")
+    refused = await sip2.renew_all(reader)
+    assert [(o.barcode, o.ok, o.message) for o in refused] == [("", False, "Invalid patron password.")]
+
+    server.respond_next_with(f"6610001000{stamp}AOUWOLS|BMARRAY(0x1)|BM{PERL}|BNHASH(0x2)|")
+    renewed = await sip2.renew_all(reader)
+    assert [(o.barcode, o.ok) for o in renewed] == [(PERL, True)]
+
+    server.respond_next_with(f"6610000000{stamp}AOUWOLS|BM{PERL}|AFNothing was renewed today|")
+    counted = await sip2.renew_all(reader)  # the list names the loan, the count says none: the count wins
+    assert [(o.barcode, o.ok, o.message) for o in counted] == [(PERL, False, "Nothing was renewed today")]
+
+    for flag in ("0", "1"):  # a clean refusal with only the system's words is not "no loans"
+        server.respond_next_with(f"66{flag}00000000{stamp}AOUWOLS|AFYour card has expired|")
+        clean = await sip2.renew_all(reader)
+        assert [(o.barcode, o.ok, o.message) for o in clean] == [("", False, "Your card has expired")]
+
+    async with db.session() as s:
+        notes = list(await s.scalars(select(PersistedState.key).where(PersistedState.kind == "sip2-renewal")))
+    assert notes == [f"{reader}:0:{PERL}"]  # one note, for the real loan renewed once

@@ -593,3 +593,68 @@ async def test_check_report_when_things_fail(server: ReplayServer) -> None:
     assert not refused.ok and "REFUSED / 被拒绝" in refused.report
     down = await check_report(config_for(None, port=free_port()))
     assert "Connection / 连接:" in down and "FAILED / 失败" in down
+
+
+# ------------------------------------------------------------------------------------------------
+# Resending, as the live Evergreen SIPServer does it (#15)
+
+
+async def test_a_resent_answer_with_sequence_zero_is_accepted(server: ReplayServer) -> None:
+    async with Sip2Client(config_for(server)) as client:
+        await client.login()
+        await client.sc_status()
+        await client.sc_status()  # the renew goes out with sequence 3
+        server.corrupt_next_checksum()
+        renewed = await client.renew("djfiander", "6789", "1565921879")
+    assert renewed.ok and renewed.message.sequence == 0  # resent as AY0: not "out of step"
+    assert server.count("29") == 1 and server.count("97") == 1
+    assert server.received[-1].startswith("97")
+
+
+async def test_a_corrupted_message_code_is_asked_for_again(server: ReplayServer) -> None:
+    async with Sip2Client(config_for(server)) as client:
+        await client.login()
+        head = f"1O030201{p.format_timestamp(RECORDED_AT)}AB1565921879|AJPerl|AY1AZ"
+        server.respond_next_with((head + p.checksum(head)[::-1]).encode() + b"\r")  # code and checksum spoiled
+        server.respond_next_with(f"18030201{p.format_timestamp(RECORDED_AT)}AB1565921879|AJPerl|")  # the resend
+        item = await client.item_information("1565921879")
+    assert item.found and server.count("97") == 1
+
+
+async def test_an_answer_without_its_checksum_is_asked_for_again(server: ReplayServer) -> None:
+    async with Sip2Client(config_for(server)) as client:
+        await client.login()
+        server.respond_next_with(f"18030201{p.format_timestamp(RECORDED_AT)}AB1565921879|AJPerl|".encode() + b"\r")
+        item = await client.item_information("1565921879")
+        assert item.found and server.count("97") == 1  # not accepted unchecked: the resend has AY/AZ
+        server.resend_strips_error_detection = True
+        for _ in range(3):
+            server.respond_next_with(f"18030201{p.format_timestamp(RECORDED_AT)}AB1|AJT|".encode() + b"\r")
+        with pytest.raises(Sip2ChecksumError, match="came without its checksum 3 times.*LIBRARYBOT_SIP2_ERROR_DETECTION"):
+            await client.item_information("1565921879")
+
+
+async def test_sequence_zero_outside_a_resend_is_still_out_of_step(server: ReplayServer) -> None:
+    async with Sip2Client(config_for(server)) as client:
+        await client.login()
+        await client.sc_status()
+        head = f"18030201{p.format_timestamp(RECORDED_AT)}AB1|AJT|AY0AZ"
+        server.respond_next_with((head + p.checksum(head)).encode() + b"\r")
+        with pytest.raises(Sip2Error, match="out of step"):
+            await client.item_information("1")
+
+
+async def test_check_reports_the_clock_skew_against_the_library_time_zone(server: ReplayServer) -> None:
+    """The replay server's clock is the recording's; the bot's is set 8 hours and 30 s later in UTC.
+    Read in UTC the server is 8 h behind; read in Shanghai time it agrees but for 30 s."""
+    from zoneinfo import ZoneInfo
+
+    server.clock = lambda: RECORDED_AT
+    bot_now = RECORDED_AT.replace(tzinfo=dt.UTC) - dt.timedelta(hours=8) + dt.timedelta(seconds=30)
+    in_utc = await run_check(config_for(server), recorded_clock, tz=ZoneInfo("UTC"), now=lambda: bot_now)
+    assert in_utc.clock_skew == dt.timedelta(hours=8, seconds=-30)
+    assert "7 h 59 min 30 s ahead / 快 — WRONG / 不一致" in in_utc.report
+    shanghai = await run_check(config_for(server), recorded_clock, tz=ZoneInfo("Asia/Shanghai"), now=lambda: bot_now)
+    assert shanghai.clock_skew == dt.timedelta(seconds=-30)
+    assert "30 s behind / 慢 — agrees / 一致" in shanghai.report
+    assert "Connections allowed / 允许的连接数:" in shanghai.report and "at least 4" in shanghai.report

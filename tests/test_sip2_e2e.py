@@ -218,3 +218,18 @@ async def until_alerts(bot: EmbeddedBot, expected: list[str]) -> None:
             return
         await asyncio.sleep(0.05)
     assert found == expected
+
+
+async def test_fines_from_the_system_are_shown_with_the_loans(env: EmbeddedBot, server: ReplayServer) -> None:
+    """(#15) The fee on a loan (BV of its 18) beside it, even when it is not overdue, and the
+    account's fee amount (BV, BH) below the list, as the local store shows fines."""
+    dj = await env.person(DJ)
+    assert "David J. Fiander" in plain(await dj.send("/login djfiander 6789"))
+    stamp = "20261126    052910"
+    server.respond_next_with(f"64              001{stamp}000000000001000000000000AOUWOLS|AAdjfiander|"
+                             f"AEDavid J. Fiander|AU{PERL}|BHCNY|BV3.5|BLY|")
+    server.respond_next_with(f"180402{'01'}{stamp}AB{PERL}|AJPerl 5 desktop reference|AH20991231    235900|"
+                             "BV1.20|BHCNY|")
+    text = plain(await dj.send("/loans"))
+    assert f"Barcode {PERL} · due 2099-12-31 · fee ¥1.20" in text
+    assert "You owe the library CNY 3.50 in fines and fees" in text

@@ -506,3 +506,53 @@ def test_garbage_never_crashes_the_parser_or_the_readers(raw: str | bytes) -> No
     if reader is not None:
         reader.from_message(msg)  # typed readers never raise on odd values
     p.mask(raw)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the live Evergreen SIPServer showed (#15)
+
+
+def test_no_pin_means_no_patron_password_field() -> None:
+    """An empty AD is refused by Evergreen's and Koha's servers ("Invalid patron password"); a
+    missing one is accepted, so without a PIN the field is left out. With a PIN it is sent."""
+    now = dt.datetime(2026, 11, 26, 5, 29, 10)
+    without = [
+        p.patron_status_request("UWOLS", "djfiander", "", now=now),
+        p.patron_information_request("UWOLS", "djfiander", "", now=now, summary="charged"),
+        p.renew_request("UWOLS", "djfiander", "", "1565921879", now=now),
+        p.renew_all_request("UWOLS", "djfiander", "", now=now),
+        p.hold_request("UWOLS", "djfiander", "", now=now, item="1565921879"),
+        p.end_session_request("UWOLS", "djfiander", "", now=now),
+    ]
+    for request in without:
+        assert "AD" not in [code for code, _ in request.fields], request.code
+        assert "|AD" not in request.build(1)
+    with_pin = p.renew_all_request("UWOLS", "djfiander", "6789", now=now)
+    assert ("AD", "6789") in with_pin.fields
+
+
+def test_trailer_is_checked_on_the_bytes_before_the_code() -> None:
+    good = p.build("30", "1YNN" + p.format_timestamp(dt.datetime(2026, 11, 26)), [("AB", "1")], 3).encode() + b"\r"
+    assert p.trailer_check(good) is True
+    corrupted_code = b"3O" + good[2:]  # an unknown code, caught as a checksum failure first
+    assert p.trailer_check(corrupted_code) is False
+    with pytest.raises(Sip2Error, match="unknown SIP2 message code"):
+        p.parse(corrupted_code)
+    assert p.trailer_check(good[:-3] + b"\r") is False  # AZ cut short: mangled
+    assert p.trailer_check(p.strip_error_detection(good.decode()).encode()) is None  # no trailer at all
+
+
+@pytest.mark.parametrize(
+    ("data", "configured", "guess"),
+    [
+        ("张三·李四".encode(), "gb18030", "utf-8"),  # UTF-8 read as gb18030 decodes, garbled: 寮犱笁路鏉庡洓
+        ("张三·李四".encode("gb18030"), "utf-8", "gb18030"),  # the other direction
+        ("张三·李四".encode(), "utf-8", None),
+        ("张三·李四".encode("gb18030"), "gb18030", None),
+        (b"plain ASCII", "gb18030", None),
+    ],
+)
+def test_the_encoding_a_server_really_sends_is_guessed(data: bytes, configured: str, guess: str | None) -> None:
+    assert p.guess_encoding(data, configured) == guess
+    if configured == "gb18030" and guess == "utf-8":
+        assert data.decode("gb18030") == "寮犱笁路鏉庡洓"  # what the issue saw, without a warning

@@ -11,6 +11,7 @@ from storage.sip2.errors import (
     Sip2Error,
     Sip2Exception,
     Sip2LoginRefused,
+    Sip2LoginUnanswered,
     Sip2Unavailable,
 )
 from storage.sip2.protocol import (
@@ -46,6 +47,7 @@ __all__ = [
     "Sip2Error",
     "Sip2Exception",
     "Sip2LoginRefused",
+    "Sip2LoginUnanswered",
     "Sip2Message",
     "Sip2Pool",
     "Sip2Unavailable",

@@ -30,13 +30,19 @@ How the client behaves, and why:
 
 * One request at a time per connection (SIP2 has no pipelining); ``Sip2Pool`` spreads concurrent
   callers over ``pool_size`` connections, each logged in when opened.
+* Many servers allow an account fewer connections than ``pool_size`` (Evergreen's SIPServer as
+  small installations run it: one); the extra login is accepted and never answered. When that
+  happens while another connection is logged in, the pool keeps only the logged-in ones
+  (``connection_limit``) and the request goes out on one of them: nothing was sent on the hung one.
 * Every connect, write and read has ``timeout`` seconds; a server that accepts and never answers
   costs a caller at most that much per step, then ``Sip2Unavailable``, and the connection is
   dropped (a late answer must never be read as the answer to the next request).
 * Lookups (23, 63, 17, 99) are retried once on a fresh connection if the server closed the
   connection under them. Renew, renew all, hold and end session never are once written: the
   library's system may have acted, and a renewal must not happen twice.
-* A response with a bad checksum is asked for again (97: the server resends, it does not redo);
+* The checksum is checked on the bytes first: a response with a bad checksum (even in its message
+  code), or without AY/AZ while error detection is on, is asked for again (97: the server resends,
+  it does not redo; Evergreen resends with sequence number 0, which is accepted);
   a 96 from the server means it could not read ours and did nothing, so ours is sent again.
 * Passwords (CO, AD, AC) never reach the log; debug logging shows masked messages.
 """
@@ -52,10 +58,11 @@ import os
 import ssl
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
+from zoneinfo import ZoneInfo
 
 from storage.sip2 import protocol as p
 from storage.sip2.errors import (
@@ -63,12 +70,14 @@ from storage.sip2.errors import (
     Sip2Error,
     Sip2Exception,
     Sip2LoginRefused,
+    Sip2LoginUnanswered,
     Sip2Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], dt.datetime]
+T = TypeVar("T")
 
 # How often we ask again for a response that fails its checksum (97), or resend a request the
 # server could not read (96), before giving up: a line that garbles twice is not getting better.
@@ -198,6 +207,42 @@ class _LoginGate:
         self.refused_until = time.monotonic() + self.seconds
 
 
+class _EncodingWatch:
+    """Warns once (per pool) when answers look like another encoding than the configured one."""
+
+    def __init__(self) -> None:
+        self.warned = False
+        self.suspected: str | None = None
+
+    def look(self, data: bytes, configured: str, address: str, *, decode_errors: bool = False) -> None:
+        """Look at one answer's bytes: the first that seem to be in another encoding (or that do not
+        decode at all) get the warning; later ones are not told again."""
+        if self.warned:
+            return
+        guess = p.guess_encoding(data, configured)
+        if guess is None and not decode_errors:
+            return
+        self.warned = True
+        self.suspected = guess
+        if guess is None:
+            log.warning(
+                "SIP2: an answer from %s is not valid %s; odd characters were replaced — check "
+                "LIBRARYBOT_SIP2_ENCODING (many Chinese systems use gb18030)",
+                address,
+                configured,
+            )
+            return
+        log.warning(
+            "SIP2: the library system at %s seems to send %s, but LIBRARYBOT_SIP2_ENCODING is %s: names and "
+            "titles are garbled — check LIBRARYBOT_SIP2_ENCODING: set LIBRARYBOT_SIP2_ENCODING=%s "
+            "(or change the server's encoding)",
+            address,
+            guess,
+            configured,
+            guess,
+        )
+
+
 class _ConnectionLost(Exception):
     """The server closed or reset the connection; ``sent`` says whether our request was written."""
 
@@ -223,6 +268,7 @@ class Sip2Client:
         self._lock = asyncio.Lock()
         self._last_used = 0.0
         self._gate = _LoginGate(config.login_retry_seconds)
+        self._encoding_watch = _EncodingWatch()
         self.requests_sent = 0  # counters for the benchmark and the check screen
         self.connections_opened = 0
 
@@ -431,9 +477,16 @@ class Sip2Client:
         retry = req.idempotent if idempotent is None else idempotent
         async with self._lock:
             for attempt in (1, 2):
-                await self._ready()
-                if not retry and self.idle_seconds() > PROBE_AFTER_IDLE_SECONDS:
-                    await self._probe()
+                try:
+                    await self._ready()
+                    if not retry and self.idle_seconds() > PROBE_AFTER_IDLE_SECONDS:
+                        await self._probe()
+                except Sip2Unavailable as exc:
+                    if not exc.may_have_reached_server:
+                        raise
+                    # Connecting or logging in failed: our request was never written, whatever
+                    # the login or the probe left unanswered.
+                    raise Sip2Unavailable(str(exc), may_have_reached_server=False) from None
                 try:
                     return await self._exchange(req, expect)
                 except _ConnectionLost as lost:
@@ -554,6 +607,13 @@ class Sip2Client:
             raise Sip2Unavailable(
                 f"the library system at {c.address} closed the connection during login: {lost}"
             ) from None
+        except Sip2Unavailable as exc:
+            if isinstance(exc, Sip2LoginUnanswered) or not exc.may_have_reached_server:
+                raise
+            raise Sip2LoginUnanswered(
+                f"the library system at {c.address} accepted a connection but did not answer our login "
+                f"within {c.timeout:g} s (does it allow this account fewer connections?)"
+            ) from None
         if not p.LoginResult.from_message(msg).ok:
             reason = (
                 f"the library system at {c.address} refused the SIP2 login of user {c.user!r} "
@@ -599,8 +659,10 @@ class Sip2Client:
         asked_resend = resent = 0
         while True:
             data = await self._receive(req)
-            msg = p.parse(data, c.encoding)
-            if msg.code == "96":
+            # The checksum first: a corrupted message code must lead to a 97 like any corruption.
+            trailer = p.trailer_check(data)
+            msg = p.parse(data, c.encoding) if trailer is not False else None
+            if msg is not None and msg.code == "96":
                 # The server could not read our message and did nothing with it, so sending the same
                 # bytes again is safe even for a renew.
                 if resent >= MAX_RESENDS:
@@ -611,36 +673,35 @@ class Sip2Client:
                 log.warning("SIP2 %s: server asked for our %s again (96); resending", self.name, req.name)
                 await self._send(text, first=False)
                 continue
-            unreadable = msg.checksum_ok is False or (
-                c.error_detection and msg.checksum_ok is None and not msg.terminated
-            )
-            if unreadable:
+            # With error detection on, an answer without AY/AZ cannot be checked: ask again.
+            unchecked = c.error_detection and trailer is None
+            if msg is None or unchecked:
+                name = msg.name if msg is not None else f"answer to our {req.name}"
+                problem = "came without its checksum" if unchecked else "failed its checksum"
                 # Ask the server to send the same response again; it does not redo the request.
                 if asked_resend >= MAX_RESENDS:
+                    hint = " (is error detection on at the server? see LIBRARYBOT_SIP2_ERROR_DETECTION)" if unchecked else ""
                     raise Sip2ChecksumError(
-                        f"the {msg.name} from {c.address} failed its checksum {asked_resend + 1} times: {p.mask(msg.raw)}"
+                        f"the {name} from {c.address} {problem} {asked_resend + 1} times{hint}: "
+                        f"{p.mask(data, c.encoding)}"
                     )
                 asked_resend += 1
                 log.warning(
-                    "SIP2 %s: %s from %s failed its checksum (%s); asking for it again (97)",
+                    "SIP2 %s: %s from %s %s (%s); asking for it again (97)",
                     self.name,
-                    msg.name,
+                    name,
                     c.address,
-                    msg.checksum or "mangled",
+                    problem,
+                    msg.checksum if msg is not None and msg.checksum else "mangled",
                 )
                 await self._send(p.resend_request().build(None, c.error_detection, c.encoding), first=False)
                 continue
             break
-        if msg.decode_errors:
-            log.warning(
-                "SIP2 %s: the %s from %s is not valid %s; odd characters were replaced — "
-                "check LIBRARYBOT_SIP2_ENCODING (many Chinese systems use gb18030)",
-                self.name,
-                msg.name,
-                c.address,
-                c.encoding,
-            )
-        if seq is not None and msg.sequence is not None and msg.sequence != seq:
+        self._encoding_watch.look(data, c.encoding, c.address, decode_errors=msg.decode_errors)
+        # A resent answer (after our 97) carries AY0 from Evergreen's SIPServer and others like it,
+        # whatever our request's number was: that is how they resend, not a lost step.
+        accepted = {seq, 0} if asked_resend else {seq}
+        if seq is not None and msg.sequence is not None and msg.sequence not in accepted:
             raise Sip2Error(
                 f"the library system at {c.address} answered sequence {msg.sequence} to our {seq}: out of step"
             )
@@ -731,9 +792,13 @@ class Sip2Pool:
     def __init__(self, config: Sip2Config, clock: Clock = local_now) -> None:
         self.config = config
         gate = _LoginGate(config.login_retry_seconds)
+        watch = _EncodingWatch()
         self.clients = [Sip2Client(config, clock, name=f"sip2-{i + 1}") for i in range(config.pool_size)]
         for client in self.clients:
             client._gate = gate  # one refused login stops every connection from trying
+            client._encoding_watch = watch  # and one warning about the encoding is enough
+        #: How many connections the account may hold, once a login went unanswered; None: not seen.
+        self.connection_limit: int | None = None
         self._free: asyncio.Queue[Sip2Client] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -764,26 +829,80 @@ class Sip2Pool:
     async def connection(self) -> AsyncIterator[Sip2Client]:
         """Borrow one connection for several requests in a row (e.g. patron info then renew)."""
         free = self._start()
-        client = await free.get()
+        client = await self._free_client(free)
         try:
             yield client
         finally:
             free.put_nowait(client)
 
+    async def _free_client(self, free: asyncio.Queue[Sip2Client]) -> Sip2Client:
+        """The next free connection still in the pool (retired ones are dropped as they come up)."""
+        while True:
+            client = await free.get()
+            if client in self.clients:
+                return client
+
     async def login(self) -> None:
-        """Open and log in every connection now (instead of on first use)."""
+        """Open and log in every connection now (instead of on first use), one after another, so a
+        server that allows fewer connections shrinks the pool instead of failing it."""
         self._start()
-        await asyncio.gather(*(client.login() for client in self.clients))
+        for client in list(self.clients):
+            try:
+                await client.login()
+            except Sip2LoginUnanswered:
+                if not self._retire(client):
+                    raise
+
+    async def _use(self, work: Callable[[Sip2Client], Awaitable[T]]) -> T:
+        """Run ``work`` on a free connection. When its login goes unanswered while other connections
+        of the pool are logged in, the account holds no more connections than those: this one
+        leaves the pool for good and the work runs on one that works (nothing was sent on it)."""
+        free = self._start()
+        while True:
+            client = await self._free_client(free)
+            give_back = True
+            try:
+                return await work(client)
+            except Sip2LoginUnanswered:
+                if not self._retire(client):
+                    raise
+                give_back = False  # retired: not given back, and the work goes to another one
+            finally:
+                if give_back:
+                    free.put_nowait(client)
+
+    def _retire(self, client: Sip2Client) -> bool:
+        """Take ``client`` out of the pool after its login went unanswered; False (kept) when no
+        other connection is logged in, so the server may simply be down."""
+        if client not in self.clients:
+            return True  # already taken out by a shrink while its login hung: the work goes on
+        others = [c for c in self.clients if c is not client and c.connected]
+        if not others:
+            return False
+        # The logged-in ones are what the account may hold: the never-opened ones go too, so no
+        # later burst waits for their logins to go unanswered.
+        self.clients = others
+        self.connection_limit = len(self.clients)
+        log.warning(
+            "SIP2: the library system at %s did not answer a login on %s while %d other connection(s) were "
+            "logged in: it allows this account %d connection(s); the pool now uses %d "
+            "(set LIBRARYBOT_SIP2_POOL_SIZE=%d to start with that)",
+            self.config.address,
+            client.name,
+            len(others),
+            len(self.clients),
+            len(self.clients),
+            len(self.clients),
+        )
+        return True
 
     async def sc_status(self) -> p.ScStatus:
         """See ``Sip2Client.sc_status``."""
-        async with self.connection() as client:
-            return await client.sc_status()
+        return await self._use(lambda client: client.sc_status())
 
     async def patron_status(self, patron: str, pin: str = "") -> p.PatronStatus:
         """See ``Sip2Client.patron_status``."""
-        async with self.connection() as client:
-            return await client.patron_status(patron, pin)
+        return await self._use(lambda client: client.patron_status(patron, pin))
 
     async def patron_information(
         self,
@@ -794,27 +913,23 @@ class Sip2Pool:
         end: int | None = None,
     ) -> p.PatronInfo:
         """See ``Sip2Client.patron_information``."""
-        async with self.connection() as client:
-            return await client.patron_information(patron, pin, summary, start, end)
+        return await self._use(lambda client: client.patron_information(patron, pin, summary, start, end))
 
     async def item_information(self, barcode: str) -> p.ItemInfo:
         """See ``Sip2Client.item_information``."""
-        async with self.connection() as client:
-            return await client.item_information(barcode)
+        return await self._use(lambda client: client.item_information(barcode))
 
     async def renew(
         self, patron: str, pin: str, barcode: str, *, fee_acknowledged: bool | None = False
     ) -> p.RenewResult:
         """See ``Sip2Client.renew``."""
-        async with self.connection() as client:
-            return await client.renew(patron, pin, barcode, fee_acknowledged=fee_acknowledged)
+        return await self._use(lambda client: client.renew(patron, pin, barcode, fee_acknowledged=fee_acknowledged))
 
     async def renew_all(
         self, patron: str, pin: str, *, fee_acknowledged: bool | None = False
     ) -> p.RenewAllResult:
         """See ``Sip2Client.renew_all``."""
-        async with self.connection() as client:
-            return await client.renew_all(patron, pin, fee_acknowledged=fee_acknowledged)
+        return await self._use(lambda client: client.renew_all(patron, pin, fee_acknowledged=fee_acknowledged))
 
     async def hold(
         self,
@@ -830,8 +945,8 @@ class Sip2Pool:
         fee_acknowledged: bool | None = None,
     ) -> p.HoldResult:
         """See ``Sip2Client.hold``."""
-        async with self.connection() as client:
-            return await client.hold(
+        return await self._use(
+            lambda client: client.hold(
                 patron,
                 pin,
                 barcode_or_title,
@@ -842,11 +957,11 @@ class Sip2Pool:
                 hold_type=hold_type,
                 fee_acknowledged=fee_acknowledged,
             )
+        )
 
     async def end_session(self, patron: str, pin: str = "") -> p.EndSessionResult:
         """See ``Sip2Client.end_session``."""
-        async with self.connection() as client:
-            return await client.end_session(patron, pin)
+        return await self._use(lambda client: client.end_session(patron, pin))
 
     async def loans(
         self, patron: str, pin: str = "", *, page_size: int = p.DEFAULT_ITEMS_PER_PAGE
@@ -913,6 +1028,8 @@ class Sip2Check:
     ok: bool
     report: str
     status: p.ScStatus | None = None
+    connection_limit: int | None = None  # connections the account may hold (None: not learned)
+    clock_skew: dt.timedelta | None = None  # the server's clock minus the bot's, in the library's zone
 
 
 _MESSAGE_LABELS_ZH = {
@@ -956,8 +1073,58 @@ def _yes(flag: bool) -> str:
     return "yes / 是" if flag else "no / 否"
 
 
-async def run_check(config: Sip2Config, clock: Clock = local_now) -> Sip2Check:
-    """Connect, log in, send SC status, and describe what the server supports for a librarian."""
+#: A server clock further than this from the bot's (in the library's time zone) is reported as wrong.
+CLOCK_TOLERANCE = dt.timedelta(minutes=2)
+
+
+async def count_connections(config: Sip2Config, first: Sip2Client, clock: Clock = local_now) -> int:
+    """How many connections the account may hold, up to ``config.pool_size``: with ``first`` logged
+    in, open and log in more until one login goes unanswered (the server then allows no more)."""
+    extra: list[Sip2Client] = []
+    try:
+        for n in range(2, config.pool_size + 1):
+            client = Sip2Client(config, clock, name=f"sip2-check-{n}")
+            try:
+                await client.login()
+            except Sip2Unavailable:
+                await client.close()
+                return n - 1
+            extra.append(client)
+        return config.pool_size
+    finally:
+        await asyncio.gather(*(client.close() for client in extra))
+
+
+def _skew_text(skew: dt.timedelta) -> str:
+    seconds = int(abs(skew.total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    amount = (f"{hours} h " if hours else "") + (f"{minutes} min " if hours or minutes else "") + f"{secs} s"
+    return amount + (" ahead / 快" if skew > dt.timedelta(0) else " behind / 慢")
+
+
+def clock_skew(server_time: dt.datetime, bot_now: dt.datetime, tz: ZoneInfo | None) -> dt.timedelta:
+    """The server's clock (98's date-time sync) minus the bot's now. A naive server time is the
+    library's local time (as transaction and due dates are read), so it is read in ``tz``."""
+    if server_time.tzinfo is None:
+        if tz is None:
+            return server_time - bot_now.replace(tzinfo=None)
+        server_time = server_time.replace(tzinfo=tz)
+    if bot_now.tzinfo is None:
+        bot_now = bot_now.replace(tzinfo=tz or dt.UTC)
+    return server_time - bot_now
+
+
+async def run_check(
+    config: Sip2Config,
+    clock: Clock = local_now,
+    *,
+    tz: ZoneInfo | None = None,
+    now: Clock | None = None,
+) -> Sip2Check:
+    """Connect, log in, send SC status, and describe what the server supports for a librarian:
+    also how many connections the account may hold, and whether the server's clock agrees with the
+    bot's in the library's time zone ``tz`` (``now`` is the bot's clock, aware; default: the system's)."""
     lines = [
         f"SIP2 check / SIP2 连接检查 — {config.address}",
         f"  TLS / 加密: {_yes(config.tls)}   Encoding / 编码: {config.encoding}   "
@@ -977,6 +1144,8 @@ async def run_check(config: Sip2Config, clock: Clock = local_now) -> Sip2Check:
             f"OK as {config.user or '(no login)'} ({(time.monotonic() - started) * 1000:.0f} ms)",
         )
         status = await client.sc_status()
+        bot_now = (now or (lambda: dt.datetime.now(dt.UTC)))()
+        limit = await count_connections(config, client, clock)
     except Sip2LoginRefused as exc:
         row("Login / 登录:", "REFUSED / 被拒绝")
         lines += ["", str(exc)]
@@ -1011,8 +1180,32 @@ async def run_check(config: Sip2Config, clock: Clock = local_now) -> Sip2Check:
         "Retries allowed / 允许重试:",
         status.retries_allowed if status.retries_allowed not in (None, 999) else "unknown / 未知",
     )
+    if limit < config.pool_size:
+        row(
+            "Connections allowed / 允许的连接数:",
+            f"{limit} (LIBRARYBOT_SIP2_POOL_SIZE={config.pool_size}: the bot will use {limit} / "
+            f"机器人将只使用 {limit} 个; set LIBRARYBOT_SIP2_POOL_SIZE={limit})",
+        )
+    else:
+        row("Connections allowed / 允许的连接数:", f"at least {limit} / 至少 {limit} (LIBRARYBOT_SIP2_POOL_SIZE)")
+    skew: dt.timedelta | None = None
     if status.date_time_sync is not None:
+        skew = clock_skew(status.date_time_sync, bot_now, tz)
         row("Server clock / 服务器时间:", f"{status.date_time_sync:%Y-%m-%d %H:%M:%S}")
+        zone = f"{tz.key}" if tz is not None else "local / 本机"
+        local = bot_now.astimezone(tz) if tz is not None and bot_now.tzinfo is not None else bot_now
+        row(f"Bot clock ({zone}) / 机器人时间:", f"{local:%Y-%m-%d %H:%M:%S}")
+        if abs(skew) <= CLOCK_TOLERANCE:
+            row("Clock skew / 时钟偏差:", f"{_skew_text(skew)} — agrees / 一致")
+        else:
+            row(
+                "Clock skew / 时钟偏差:",
+                f"{_skew_text(skew)} — WRONG / 不一致: due dates would be read off by that much; "
+                "set LIBRARYBOT_TIMEZONE to the server's zone or fix its clock / "
+                "请把 LIBRARYBOT_TIMEZONE 设为服务器所在时区或校准服务器时钟",
+            )
+    else:
+        row("Server clock / 服务器时间:", "not sent / 未提供")
     for message in status.screen_messages:
         row("Message / 信息:", message)
     lines += ["", "Supported messages / 支持的消息:"]
@@ -1033,9 +1226,13 @@ async def run_check(config: Sip2Config, clock: Clock = local_now) -> Sip2Check:
         lines.append("Everything librarybot uses is supported / 本系统所需功能均已支持")
     if not status.online:
         lines.append("The server says it is OFFLINE / 服务器报告离线")
-    return Sip2Check(ok=status.online, report="\n".join(lines), status=status)
+    return Sip2Check(
+        ok=status.online, report="\n".join(lines), status=status, connection_limit=limit, clock_skew=skew
+    )
 
 
-async def check_report(config: Sip2Config, clock: Clock = local_now) -> str:
+async def check_report(
+    config: Sip2Config, clock: Clock = local_now, *, tz: ZoneInfo | None = None, now: Clock | None = None
+) -> str:
     """The ``librarybot sip2 check`` screen as text (see ``run_check`` for the pass/fail flag)."""
-    return (await run_check(config, clock)).report
+    return (await run_check(config, clock, tz=tz, now=now)).report

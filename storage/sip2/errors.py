@@ -36,3 +36,15 @@ class Sip2Unavailable(Sip2Exception):
     def __init__(self, message: str, *, may_have_reached_server: bool = False) -> None:
         super().__init__(message)
         self.may_have_reached_server = may_have_reached_server
+
+
+class Sip2LoginUnanswered(Sip2Unavailable):
+    """The server accepted the connection but never answered our login (93).
+
+    Servers that allow an account one connection at a time (Evergreen's SIPServer with
+    ``max_servers=1``, many small Koha set-ups) behave like this for a second connection: nothing
+    was sent on behalf of a reader, so the pool drops that connection and keeps the ones that work.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, may_have_reached_server=False)

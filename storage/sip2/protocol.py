@@ -487,6 +487,16 @@ def _request(code: str, fixed: str, fields: list[tuple[str, str]]) -> Sip2Reques
     return Sip2Request(code, fixed, fields)
 
 
+def _patron_password(pin: str) -> list[tuple[str, str]]:
+    """AD with the reader's PIN, or nothing when there is none.
+
+    An empty AD is not "no password": Evergreen's SIPServer (and Koha's, which tests
+    ``defined($patron_pwd)``) check an AD that is present, so renew all and hold are refused with
+    "Invalid patron password" when it is empty, and accepted when it is left out.
+    """
+    return [("AD", pin)] if pin else []
+
+
 def _yn(flag: bool) -> str:
     return "Y" if flag else "N"
 
@@ -518,7 +528,7 @@ def patron_status_request(
     return _request(
         "23",
         language + format_timestamp(now),
-        [("AO", institution), ("AA", patron), ("AC", terminal_password), ("AD", pin)],
+        [("AO", institution), ("AA", patron), ("AC", terminal_password), *_patron_password(pin)],
     )
 
 
@@ -553,7 +563,7 @@ def patron_information_request(
 ) -> Sip2Request:
     """63 Patron Information; with a ``summary``, ``BP``/``BQ`` ask for items ``start``..``end``
     (``end`` defaults to ``start`` + 99; ``start=None`` leaves the range to the server)."""
-    fields = [("AO", institution), ("AA", patron), ("AC", terminal_password), ("AD", pin)]
+    fields = [("AO", institution), ("AA", patron), ("AC", terminal_password), *_patron_password(pin)]
     if summary is not None and start is not None:
         last = end if end is not None else start + DEFAULT_ITEMS_PER_PAGE - 1
         fields += [("BP", str(start)), ("BQ", str(last))]
@@ -584,7 +594,7 @@ def renew_request(
     terminal_password: str = "",
 ) -> Sip2Request:
     """29 Renew one item (by barcode ``AB``; ``title`` adds ``AJ``)."""
-    fields = [("AO", institution), ("AA", patron), ("AD", pin), ("AB", item)]
+    fields = [("AO", institution), ("AA", patron), *_patron_password(pin), ("AB", item)]
     if title is not None:
         fields.append(("AJ", title))
     fields.append(("AC", terminal_password))
@@ -606,7 +616,7 @@ def renew_all_request(
     terminal_password: str = "",
 ) -> Sip2Request:
     """65 Renew All."""
-    fields = [("AO", institution), ("AA", patron), ("AD", pin), ("AC", terminal_password)]
+    fields = [("AO", institution), ("AA", patron), *_patron_password(pin), ("AC", terminal_password)]
     if fee_acknowledged is not None:
         fields.append(("BO", _yn(fee_acknowledged)))
     return _request("65", format_timestamp(now), fields)
@@ -645,7 +655,7 @@ def hold_request(
         fields.append(("BS", pickup_location))
     if hold_type is not None:
         fields.append(("BY", str(hold_type)))
-    fields += [("AO", institution), ("AA", patron), ("AD", pin)]
+    fields += [("AO", institution), ("AA", patron), *_patron_password(pin)]
     if item is not None:
         fields.append(("AB", item))
     if title is not None:
@@ -660,7 +670,7 @@ def end_session_request(
     institution: str, patron: str, pin: str, *, now: dt.datetime, terminal_password: str = ""
 ) -> Sip2Request:
     """35 End Patron Session."""
-    fields = [("AO", institution), ("AA", patron), ("AC", terminal_password), ("AD", pin)]
+    fields = [("AO", institution), ("AA", patron), ("AC", terminal_password), *_patron_password(pin)]
     return _request("35", format_timestamp(now), fields)
 
 
@@ -824,6 +834,50 @@ def parse(raw: str | bytes, encoding: str = "utf-8") -> Sip2Message:
         terminated=not tail,
         raw=text,
     )
+
+
+_BYTES_TRAILER = re.compile(rb"(?:AY[0-9])?AZ([0-9A-Fa-f]{4})\Z")
+
+
+def trailer_check(data: bytes) -> bool | None:
+    """Check a received message's ``AY``/``AZ`` trailer on its bytes, before anything else is read.
+
+    True: the checksum is right. False: it is wrong, or the trailer is there but mangled. None: the
+    message has no trailer. Checked first so that a corrupted message code is asked for again (97)
+    like any other corruption, instead of failing as an unknown code.
+    """
+    body = data.lstrip(b"\n").rstrip(b"\r\n")
+    match = _BYTES_TRAILER.search(body)
+    if match:
+        return checksum(body[:-4]) == match.group(1).decode("ascii").upper()
+    tail = body.rsplit(b"|", 1)[-1]
+    return False if tail[:2] in (b"AY", b"AZ") else None
+
+
+def guess_encoding(data: bytes, configured: str) -> str | None:
+    """The encoding ``data`` seems to be in when it is not ``configured``, else None.
+
+    Only non-ASCII bytes tell: text that is valid UTF-8 while we read gb18030 (or another legacy
+    code page) is almost surely UTF-8 (GB text is rarely valid UTF-8), and bytes that are not valid
+    UTF-8 but read cleanly as gb18030 are most likely GB text.
+    """
+    if data.isascii():
+        return None
+    name = check_encoding(configured)
+    try:
+        data.decode("utf-8")
+        valid_utf8 = True
+    except UnicodeDecodeError:
+        valid_utf8 = False
+    if name != "utf-8":
+        return "utf-8" if valid_utf8 else None
+    if valid_utf8:
+        return None
+    try:
+        data.decode("gb18030")
+    except UnicodeDecodeError:
+        return None
+    return "gb18030"
 
 
 def strip_error_detection(raw: str) -> str:

@@ -7,8 +7,9 @@ looking at timestamps, sequence numbers or checksums. It then fixes the response
 to match the incoming request: error detection on when the request carried it, off otherwise.
 
 It behaves like that server where the recordings show how: a login must come first (except 99),
-a bad checksum is answered with 96, 97 resends the last response (without AY/AZ, as Evergreen
-does), three refused logins close the connection, and requests recorded as ending in "connection
+a bad checksum is answered with 96, 97 resends the last response (with sequence number ``AY0``
+and a fresh checksum when the 97 carried one, as the live Evergreen SIPServer does; without
+AY/AZ when ``resend_strips_error_detection``), three refused logins close the connection, and requests recorded as ending in "connection
 closed" (checkin of an unknown item, fee paid, garbage) close it.
 
 Beyond the recordings, for load it synthesises readers with many loans: each entry of
@@ -127,7 +128,7 @@ class ReplayServer:
         silent: bool = False,
         close_after_each: bool = False,
         require_login: bool = True,
-        resend_strips_error_detection: bool = True,
+        resend_strips_error_detection: bool = False,
         synthetic_patrons: Mapping[str, int] | None = None,
         clock: Callable[[], dt.datetime] = dt.datetime.now,
     ) -> None:
@@ -308,7 +309,13 @@ class ReplayServer:
                 return injected.raw
             return self._encode(self._finish(conn, p.strip_error_detection(injected.raw), req))
         if req.code == "97":
-            return None if conn.last_response is None else self._encode(conn.last_response)
+            if conn.last_response is None:
+                return None
+            resent = p.strip_error_detection(conn.last_response)
+            if not req.error_detection or self.resend_strips_error_detection:
+                return self._encode(resent)
+            head = resent + "AY0AZ"  # the live server resends with sequence 0, whatever the request's
+            return self._encode(head + p.checksum(head, self.encoding))
         if req.code == "93":
             return self._encode(self._finish(conn, self._login(conn, req), req))
         if self.require_login and not conn.logged_in and req.code != "99":
