@@ -53,3 +53,12 @@ def _upgrade(connection: object, url: str) -> None:
     config = alembic_config(url)
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+# -------------------------------------------------------------------------------------------------
+# Interlibrary loan with partner libraries over ISO 18626 (#22): the rota, the outgoing queue, the
+# incoming messages seen, the partners' lending requests (tables of revision 0009).
+
+import storage.ill_exchange  # noqa: E402
+
+MODULES.append(storage.ill_exchange)
