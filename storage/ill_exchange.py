@@ -354,6 +354,17 @@ async def current_attempt(session: AsyncSession, request_id: int) -> PartnerAtte
     return None
 
 
+async def cancellable_with_partner(session: AsyncSession, request_ids: Sequence[int]) -> set[int]:
+    """Of these requests, those a partner has but not yet sent: the reader may ask to cancel them."""
+    if not request_ids:
+        return set()
+    query = select(PartnerAttempt.request_id).join(IllRequest, IllRequest.id == PartnerAttempt.request_id).where(
+        PartnerAttempt.request_id.in_(list(request_ids)), PartnerAttempt.state.in_(("asked", "supplying")),
+        PartnerAttempt.cancel_asked_at.is_(None), IllRequest.status == S.REQUESTED.value,
+    )
+    return set(await session.scalars(query))
+
+
 async def _ask(
     session: AsyncSession, request: IllRequest, partner: IllPartner, position: int, identity: Identity, now: dt.datetime
 ) -> None:
@@ -843,8 +854,8 @@ async def handle_incoming(session: AsyncSession, data: bytes, identity: Identity
         log.info("ISO 18626 message refused: %s", error.error_type)
         return iso.to_xml(iso.confirm(None, now, kind=error.kind, error=error))
     if isinstance(message, iso.Confirmation):  # confirmations answer our POSTs; they are never POSTed to us
-        error = iso.InvalidMessage(iso.ErrorType.UNRECOGNISED_DATA_ELEMENT, message.kind.value)
-        return iso.to_xml(iso.confirm(None, now, error=error))
+        unexpected = iso.InvalidMessage(iso.ErrorType.UNRECOGNISED_DATA_ELEMENT, message.kind.value)
+        return iso.to_xml(iso.confirm(None, now, error=unexpected))
     ours, theirs = (
         (message.header.requesting, message.header.supplying) if isinstance(message, iso.SupplyingAgencyMessage)
         else (message.header.supplying, message.header.requesting)
