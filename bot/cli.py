@@ -207,7 +207,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         since = _date(args.since) if args.since else None
         until = _date(args.until) if args.until else None
         async with db.session() as session:
-            report = await service_stats(session, since, until, settings.tz, utcnow())
+            report = await service_stats(session, since, until, settings.tz, utcnow(), policy=_p)
         print(report.to_csv() if args.format == "csv" else report.to_text())
         return 0
 

@@ -499,6 +499,13 @@ async def _on_supplying_message(
     if attempt.state not in ACTIVE:  # a late word from a partner that is no longer asked: noted for staff only
         await _tell_staff(session, identity, "ill_partners.staff_partner_status", params, f"late:{tag}")
         return None
+    if message.reason_for_message == "CancelResponse" or (status == "Cancelled" and attempt.cancel_asked_at):
+        if status == "Cancelled" and message.answer_yes_no != "N":
+            await _cancelled_by_partner(session, request, attempt, identity, now, params)
+            return None
+        attempt.cancel_asked_at = None  # refused: the status that came with the answer still counts
+        await _tell_reader(session, request, "ill_partners.notice_cancel_refused", params, "cancelrefused")
+        await _tell_staff(session, identity, "ill_partners.staff_cancel_refused", params, tag)
     if status in ("ExpectToSupply", "WillSupply"):
         attempt.state = "supplying" if attempt.state == "asked" else attempt.state
         await _tell_staff(session, identity, f"ill_partners.staff_{'will' if status == 'WillSupply' else 'expect'}_supply",
@@ -522,13 +529,11 @@ async def _on_supplying_message(
                 policy=identity.policy, expected=S.AVAILABLE, staff_chat_id=identity.staff_chat_id,
             )
         await _tell_staff(session, identity, "ill_partners.staff_loan_completed", params, tag)
-    elif status == "Cancelled" or message.reason_for_message == "CancelResponse":
-        if status == "Cancelled" and message.answer_yes_no != "N":
-            await _cancelled_by_partner(session, request, attempt, identity, now, params)
-        else:
-            attempt.cancel_asked_at = None
-            await _tell_reader(session, request, "ill_partners.notice_cancel_refused", params, "cancelrefused")
-            await _tell_staff(session, identity, "ill_partners.staff_cancel_refused", params, tag)
+    elif status == "Cancelled":  # cancelled by the partner unasked: as good as declined
+        attempt.state, attempt.closed_at = "declined", now
+        attempt.reason = message.note[:300] or "Cancelled"
+        if request.state == S.REQUESTED:
+            await _next_partner(session, request, identity, now)
     else:  # RequestReceived, Overdue, Recalled, RetryPossible: staff see it, nothing moves
         if status != "RequestReceived":
             await _tell_staff(session, identity, "ill_partners.staff_partner_status", params, tag)
@@ -989,3 +994,66 @@ def identity_of(agency_id: str | None, policy: Policy, staff_chat_id: int | None
 def names_of(agency_ids: Sequence[str], policy: Policy) -> dict[str, dict[str, str]]:
     """Partners' names by agency id, bilingual."""
     return {a: partner_label(policy.ill.partner(a), a) for a in agency_ids}
+
+
+PARTNER_LABELS: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "Partner libraries (ISO 18626)",
+        "line": "{name} ({agency}) — as borrower: {borrowed} requests, fill rate {b_rate}, turnaround {b_days}; "
+                "as lender: {lent} requests, fill rate {l_rate}, turnaround {l_days}",
+        "days": "{d:.1f} days",
+        "none": "—",
+    },
+    "zh": {
+        "title": "合作馆（ISO 18626）",
+        "line": "{name}（{agency}）— 本馆借入：请求 {borrowed} 件，满足率 {b_rate}，平均响应时间 {b_days}；"
+                "本馆借出：请求 {lent} 件，满足率 {l_rate}，平均响应时间 {l_days}",
+        "days": "{d:.1f} 天",
+        "none": "—",
+    },
+}
+
+
+def partner_text(figures: Sequence[PartnerFigures], lang: str) -> list[str]:
+    """The per-partner lines of the statistics report (none when there are no partners)."""
+    if not figures:
+        return []
+    w = PARTNER_LABELS[lang if lang in PARTNER_LABELS else "en"]
+
+    def rate(value: float | None, filled: int, decided: int) -> str:
+        return f"{value * 100:.0f}% ({filled}/{decided})" if value is not None else w["none"]
+
+    def days(value: float | None) -> str:
+        return w["days"].format(d=value) if value is not None else w["none"]
+
+    lines = [w["title"]]
+    for f in figures:
+        lines.append(w["line"].format(
+            name=f.name.get(lang, f.name.get("en", f.agency_id)), agency=f.agency_id, borrowed=f.borrowed,
+            b_rate=rate(f.borrowed_fill_rate, f.borrowed_filled, f.borrowed_filled + f.borrowed_declined),
+            b_days=days(f.borrowed_turnaround_days), lent=f.lent,
+            l_rate=rate(f.lent_fill_rate, f.lent_filled, f.lent_filled + f.lent_unfilled),
+            l_days=days(f.lent_turnaround_days),
+        ))
+    return lines
+
+
+def partner_csv_rows(figures: Sequence[PartnerFigures]) -> list[list[Any]]:
+    """The per-partner rows of the statistics CSV: ``partners,<metric>,<agency id>,<value>``."""
+
+    def num(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    rows: list[list[Any]] = []
+    for f in figures:
+        rows += [
+            ["partners", "borrowed_requests", f.agency_id, f.borrowed],
+            ["partners", "borrowed_filled", f.agency_id, f.borrowed_filled],
+            ["partners", "borrowed_fill_rate", f.agency_id, num(f.borrowed_fill_rate)],
+            ["partners", "borrowed_turnaround_days", f.agency_id, num(f.borrowed_turnaround_days)],
+            ["partners", "lent_requests", f.agency_id, f.lent],
+            ["partners", "lent_filled", f.agency_id, f.lent_filled],
+            ["partners", "lent_fill_rate", f.agency_id, num(f.lent_fill_rate)],
+            ["partners", "lent_turnaround_days", f.agency_id, num(f.lent_turnaround_days)],
+        ]
+    return rows
