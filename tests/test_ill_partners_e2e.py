@@ -81,12 +81,11 @@ def callback_data(msg: dict[str, Any]) -> list[str]:
     return [b.get("callback_data", "") for row in msg.get("buttons") or [] for b in row]
 
 
-async def eventually(check: Any, timeout: float = 30.0) -> None:
+async def eventually(check: Any, seconds: float = 30.0) -> None:
     """Wait until ``check()`` (async) is true."""
-    async def loop() -> None:
-        while not await check():
+    async with asyncio.timeout(seconds):
+        while not await check():  # noqa: ASYNC110 (the condition is another server's state: nothing to await)
             await asyncio.sleep(0.05)
-    await asyncio.wait_for(loop(), timeout)
 
 
 async def request_status(env: EmbeddedBot, request_id: int = 1) -> str:

@@ -98,6 +98,7 @@ class PartnerLibrary:
     answer_error: str = ""  # answer every message ERROR with this errorType
     _runner: web.AppRunner | None = None
     port: int = 0
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class PartnerLibrary:
         root = assert_valid(data)
         got = Received(kind(root), root, data)
         self.received.append(got)
+        self._arrived.set()
         confirmation = got.kind + "Confirmation"
         status = "ERROR" if self.answer_error else "OK"
         error = f"<errorData><errorType>{self.answer_error}</errorType></errorData>" if self.answer_error else ""
@@ -147,15 +149,15 @@ class PartnerLibrary:
     def of_kind(self, wanted: str) -> list[Received]:
         return [m for m in self.received if m.kind == wanted]
 
-    async def wait_for(self, count: int, wanted: str | None = None, timeout: float = 30.0) -> list[Received]:
+    async def wait_for(self, count: int, wanted: str | None = None, seconds: float = 30.0) -> list[Received]:
         """Wait until ``count`` messages (of a kind) have arrived; the messages."""
-        async def arrived() -> list[Received]:
+        async with asyncio.timeout(seconds):
             while True:
                 found = self.of_kind(wanted) if wanted else list(self.received)
                 if len(found) >= count:
                     return found
-                await asyncio.sleep(0.05)
-        return await asyncio.wait_for(arrived(), timeout)
+                self._arrived.clear()
+                await self._arrived.wait()
 
     # -- speaking -------------------------------------------------------------------------------
 
