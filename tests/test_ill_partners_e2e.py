@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from bot.embedded import STAFF_CHAT_ID, EmbeddedBot
-from bot.emulator import Person
+from bot.embedded import STAFF_CHAT_ID, TOKEN, EmbeddedBot
+from bot.emulator import Emulator, Person
 from bot.ill_exchange import IllExchange
+from bot.runner import _serve_webhook, start_bot, stop_bot
+from bot.settings import Settings
 from storage import ill
 from storage.db import Database
 from storage.ill_exchange import LendingRequest, PartnerAttempt, PartnerMessage
@@ -29,6 +31,7 @@ from storage.policy import Policy
 from storage.stats import service_stats
 from tests.auxil.iso_partner import PartnerLibrary, status_of, text
 from tests.test_ill_e2e import READER, STAFF, containing, quick_loan, start, texts, watch
+from tests.test_webhook_cli import _free_port
 
 AGENCY = "ISIL:CN-990000-L"
 DONGCHENG = ("ISIL:CN-110000-A", "东城区图书馆", "Dongcheng District Library")
@@ -81,6 +84,15 @@ def callback_data(msg: dict[str, Any]) -> list[str]:
     return [b.get("callback_data", "") for row in msg.get("buttons") or [] for b in row]
 
 
+async def edited(person: Person, message_id: int, data: str) -> dict[str, Any]:
+    """The message once it carries a button with this callback data (waiting for the edit)."""
+    current = message(person, message_id)
+    if data in callback_data(current):
+        return current
+    found = await person.wait_for(lambda m: m["message_id"] == message_id and data in callback_data(m))
+    return found[-1]
+
+
 async def eventually(check: Any, seconds: float = 30.0) -> None:
     """Wait until ``check()`` (async) is true."""
     async with asyncio.timeout(seconds):
@@ -100,8 +112,8 @@ async def sent_to_partners(env: EmbeddedBot, group: Person, number: str = "ILL-0
     request_id = int(number.split("-")[1])
     alert = (await group.wait_for(containing(number)))[-1]
     await group.press_data(alert["message_id"], f"illmv:{request_id}:submitted:in_review")
-    card = message(group, alert["message_id"])
-    assert f"illsp:{request_id}:in_review" in callback_data(card)  # the card offers Send to partners
+    # The press is answered first and the card edited just after: the card offers Send to partners.
+    await edited(group, alert["message_id"], f"illsp:{request_id}:in_review")
     await group.press_data(alert["message_id"], f"illsp:{request_id}:in_review")
     assert "Sent to Dongcheng District Library" in (group.last_callback_answer or {}).get("text", "")
     return int(alert["message_id"])
@@ -164,8 +176,7 @@ async def test_a_loan_goes_round_the_rota_and_comes_back(
     assert received.get("action") == "Received"
     await group.press_data(card_id, "illmv:1:received:available")
     assert "ready for pick-up" in texts(await fang.wait_for(containing("ready for pick-up")))
-    card = message(group, card_id)
-    assert "illrp:1" in callback_data(card)
+    card = await edited(group, card_id, "illrp:1")
     assert "Xicheng District Library — sent it" in card["text"] and "declined (NotHeld)" in card["text"]
     await group.press_data(card_id, "illrp:1")
     shipped = await xicheng.wait_for(2, "requestingAgencyMessage")
@@ -387,3 +398,38 @@ async def test_partner_answers_error_the_staff_are_told(
     async with env.db.session() as s:
         [row] = list(await s.scalars(select(PartnerMessage)))
     assert row.state == "failed"
+
+
+async def test_the_endpoint_is_served_in_webhook_mode_too(db: Database) -> None:
+    """``librarybot run --webhook`` serves POST /iso18626 at LIBRARYBOT_ILL_LISTEN as polling does; a bot
+    without LIBRARYBOT_ILL_AGENCY_ID serves nothing there."""
+    partner = PartnerLibrary(DONGCHENG[0], AGENCY)
+    await partner.start()
+    emulator = Emulator(token=TOKEN)
+    await emulator.start()
+    hook, ill_port = _free_port(), _free_port()
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, database_url=db.url, telegram_api_url=emulator.base_url, staff_chat_id=STAFF_CHAT_ID,
+        webhook_url=f"http://127.0.0.1:{hook}/hook", webhook_secret="s3cret-webhook-value", listen=f"127.0.0.1:{hook}",
+        ill_agency_id=AGENCY, ill_listen=f"127.0.0.1:{ill_port}",
+    )
+    app = await start_bot(settings, db, partner_policy((partner, DONGCHENG)), TOKEN, poll=False)
+    runner = await _serve_webhook(app, settings)
+    try:
+        url = f"http://127.0.0.1:{ill_port}/iso18626"
+        assert status_of(await partner.post(url, partner.request("DC-9", "Orientalism"))) == ("OK", "")
+        assert status_of(await partner.post(url, b"<nonsense/>")) == ("ERROR", "BadlyFormedMessage")
+        async with db.session() as s:
+            assert [x.their_request_id for x in await s.scalars(select(LendingRequest))] == ["DC-9"]
+        await runner.cleanup()
+        await stop_bot(app)
+        plain = await start_bot(Settings(_env_file=None, database_url=db.url, telegram_api_url=emulator.base_url),  # type: ignore[call-arg]
+                                db, Policy(), TOKEN, poll=False)
+        assert "ill_exchange" not in plain.bot_data
+        await stop_bot(plain)
+    finally:
+        await runner.cleanup()
+        if app.running:
+            await stop_bot(app)
+        await emulator.stop()
+        await partner.stop()
