@@ -5,7 +5,11 @@ checked key by key, and the outgoing queue keeps each request's messages in orde
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +195,40 @@ def test_xml_the_schema_refuses_is_refused_by_lxml_too() -> None:
     assert schema.validate(doc)
     doc[0].tag = "{http://illtransactions.org/2013/iso18626}requisition"
     assert not schema.validate(doc)
+
+
+async def test_librarybot_stats_reports_each_partner(db: Database, tmp_path: Path) -> None:
+    """``librarybot stats`` (the console script's code, run as a process) adds the per-partner figures."""
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        '[[ill.partners]]\nagency_id = "ISIL:CN-110000-A"\nname_zh = "东城区图书馆"\nname_en = "Dongcheng District Library"\n'
+        'endpoint = "https://a.example/iso18626"\n', encoding="utf-8")
+    policy = load_policy(policy_file)
+    async with db.session() as s:
+        for token, shipped in (("a", True), ("b", False)):
+            made = await ill.submit_request(
+                s, {"kind": "loan", "title": f"Book {token}", "pickup_branch": "main"}, token=token, telegram_id=1,
+                reader_id=None, now=NOW, policy=policy, today=NOW.date(), staff_chat_id=None,
+            )
+            assert made.request is not None
+            s.add(ill_exchange.PartnerAttempt(
+                request_id=made.request.id, agency_id="ISIL:CN-110000-A", position=1, asked_at=NOW,
+                state="shipped" if shipped else "declined", shipped_at=NOW + dt.timedelta(days=2) if shipped else None,
+            ))
+        s.add(ill_exchange.LendingRequest(agency_id="ISIL:CN-110000-A", their_request_id="DC-1", kind="loan",
+                                          title="Lent", received_at=NOW, shipped_at=NOW + dt.timedelta(days=1),
+                                          state="loaned"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBRARYBOT_", "TELEGRAM_"))}
+    env |= {"LIBRARYBOT_DATABASE_URL": db.url, "LIBRARYBOT_POLICY_FILE": str(policy_file), "LIBRARYBOT_LANGUAGE": "en",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for fmt, expected in [
+        ("text", "Dongcheng District Library (ISIL:CN-110000-A) — as borrower: 2 requests, fill rate 50% (1/2), "
+                 "turnaround 2.0 days; as lender: 1 requests, fill rate 100% (1/1), turnaround 1.0 days"),
+        ("csv", "partners,borrowed_fill_rate,ISIL:CN-110000-A,0.5000"),
+    ]:
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bot.cli", "stats", "--format", fmt], capture_output=True, text=True,
+            timeout=120, env=env, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout
