@@ -105,8 +105,10 @@ class IllExchange:
             due = await exchange.due_messages(session, now)
             taken = [row for row in due if await exchange.lease(session, row.id, now)]
         confirmed = 0
-        for row in taken:
-            if self._stopping:
+        for index, row in enumerate(taken):
+            if self._stopping:  # the rest go back to the queue at once, not after their lease
+                async with self.db.session() as session:
+                    await exchange.release(session, [r.id for r in taken[index:]])
                 break
             confirmed += await self._send(row)
         return confirmed

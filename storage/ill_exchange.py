@@ -233,6 +233,15 @@ async def lease(session: AsyncSession, message_id: int, now: dt.datetime, second
     return bool(taken.rowcount)  # type: ignore[attr-defined]
 
 
+async def release(session: AsyncSession, message_ids: Sequence[int]) -> None:
+    """Give leased messages back to the queue unsent (the sender is stopping)."""
+    if message_ids:
+        await session.execute(
+            update(PartnerMessage).where(PartnerMessage.id.in_(list(message_ids)), PartnerMessage.state == "pending")
+            .values(lease_until=None)
+        )
+
+
 async def mark_sent(session: AsyncSession, message_id: int, now: dt.datetime) -> None:
     """The partner confirmed the message."""
     await session.execute(
