@@ -290,6 +290,18 @@ async def test_a_partner_down_for_a_while_across_a_restart(
     async with env.db.session() as s:
         [queued] = list(await s.scalars(select(PartnerMessage)))
     assert queued.state == "pending" and queued.attempts >= 1 and "503" in queued.last_error
+    # Nothing is tried again before the backoff has passed; after each backoff, one more attempt.
+    exchange(env).wake()
+    assert await exchange(env).send_due() == 0 and dongcheng.refused_while_down == 1
+    for attempt in range(2, 6):
+        env.move_clock(dt.timedelta(hours=1))
+        exchange(env).wake()
+
+        async def retried(n: int = attempt) -> bool:
+            return dongcheng.refused_while_down >= n
+        await eventually(retried)
+    assert dongcheng.refused_while_down == 5
+    assert "5" in texts(await group.wait_for(containing("未响应")))  # the staff chat hears of it once
 
     # The bot restarts while the partner is still down; nothing is lost.
     await env.restart()
@@ -433,3 +445,22 @@ async def test_the_endpoint_is_served_in_webhook_mode_too(db: Database) -> None:
             await stop_bot(app)
         await emulator.stop()
         await partner.stop()
+
+
+async def test_partner_buttons_are_for_staff_only(env: EmbeddedBot, partners: tuple[PartnerLibrary, PartnerLibrary]) -> None:
+    dongcheng, _ = partners
+    await start(env)
+    fang = await watch(env, READER)
+    await quick_loan(fang, "The Structure of Scientific Revolutions")
+    await dongcheng.post(exchange(env).url, dongcheng.request("DC-1", "Orientalism"))
+    own = fang.bot_messages()[-1]["message_id"]
+    for data in ("illsp:1:submitted", "illrp:1", "illlw:1:received", "illll:1:received", "illlu:1:received",
+                 "illlr:1:received:NotHeld", "illlc:1:received"):
+        await fang.press_data(own, data)
+        assert "only for library staff" in (fang.last_callback_answer or {}).get("text", ""), data
+    assert "only for library staff" in texts(await fang.send("/illlending"))
+    await asyncio.sleep(0.5)
+    assert dongcheng.received == []  # nothing was sent to the partner
+    async with env.db.session() as s:
+        assert [x.state for x in await s.scalars(select(LendingRequest))] == ["received"]
+    assert await request_status(env) == "submitted"
