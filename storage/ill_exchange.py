@@ -572,14 +572,20 @@ async def _cancelled_by_partner(
 async def after_staff_move(
     session: AsyncSession, request: IllRequest, target: IllStatus, identity: Identity, now: dt.datetime
 ) -> bool:
-    """Tell the partner supplying a request what staff just did: ``received`` sends Received. True when
-    a message was queued."""
-    if target != S.RECEIVED:
+    """Tell the partner supplying a request what staff just did: ``received`` sends Received; staff
+    giving up on a request the partner has not sent yet (``unfilled``) sends Cancel, so the partner
+    stops looking for it. True when a message was queued."""
+    if target not in (S.RECEIVED, S.UNFILLED):
         return False
     attempt = await current_attempt(session, request.id)
     partner = identity.policy.ill.partner(attempt.agency_id) if attempt is not None else None
     if attempt is None or partner is None:
         return False
+    if target == S.UNFILLED:
+        if attempt.state not in ("asked", "supplying"):
+            return False
+        attempt.state, attempt.closed_at, attempt.cancel_asked_at = "cancelled", now, now
+        return await _requesting_message(session, request, partner, "Cancel", identity, now) is not None
     return await _requesting_message(session, request, partner, "Received", identity, now) is not None
 
 

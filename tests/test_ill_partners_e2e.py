@@ -464,3 +464,25 @@ async def test_partner_buttons_are_for_staff_only(env: EmbeddedBot, partners: tu
     async with env.db.session() as s:
         assert [x.state for x in await s.scalars(select(LendingRequest))] == ["received"]
     assert await request_status(env) == "submitted"
+
+
+async def test_staff_giving_up_tells_the_partner(env: EmbeddedBot, partners: tuple[PartnerLibrary, PartnerLibrary]) -> None:
+    """Staff mark a request unfilled while a partner is still looking for it: the partner gets Cancel,
+    and its late answer moves nothing."""
+    dongcheng, _ = partners
+    await start(env)
+    group = await watch(env, STAFF, chat_id=STAFF_CHAT_ID)
+    fang = await watch(env, READER)
+    await quick_loan(fang, "乡土中国")
+    card_id = await sent_to_partners(env, group)
+    await dongcheng.wait_for(1, "request")
+    await group.press_data(card_id, "illur:1:requested:not_in_time")
+    assert "ILL-000001" in texts(await fang.wait_for(containing("could not be supplied")))
+    [cancel] = await dongcheng.wait_for(1, "requestingAgencyMessage")
+    assert cancel.get("action") == "Cancel"
+    late = await dongcheng.post(exchange(env).url, dongcheng.supplying_message("ILL-000001", "Loaned"))
+    assert status_of(late) == ("OK", "")
+    assert await request_status(env) == "unfilled"
+    async with env.db.session() as s:
+        [attempt] = list(await s.scalars(select(PartnerAttempt)))
+    assert (attempt.state, attempt.shipped_at) == ("cancelled", None)
