@@ -18,7 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, incidents, loans, search, staff, stats, tickets
+from handlers import account, broadcast, ill, ill_partners, incidents, loans, search, staff, stats, tickets
 from handlers import events as events_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
@@ -58,6 +58,7 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     tickets.register(app)  # /complain, /feedback and ticket replies (a conversation), /tickets, claim buttons, SLA jobs
 
     ill.register(app)  # /ill request conversation, the staff's partner question, /requests, /illqueue, ILL buttons
+    ill_partners.register(app)  # ISO 18626 partners: Send to partners, Returned to partner, lending buttons, /illlending
 
     stats.register(app)  # /stats (staff): figures, weekly chart, CSV
 

@@ -215,7 +215,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         until = _date(args.until) if args.until else None
         try:
             async with db.session() as session:
-                report = await service_stats(session, since, until, settings.tz, utcnow())
+                report = await service_stats(session, since, until, settings.tz, utcnow(), policy=_p)
         except PeriodOutOfRange:
             from bot.i18n import t
 

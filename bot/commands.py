@@ -17,7 +17,7 @@ READER_COMMANDS = [
     "search", "loans", "renew", "holds", "ill", "requests", "complain", "tickets",
     "report", "events", "myevents", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
 ]
-STAFF_COMMANDS = ["overdue", "illqueue", "tickets", "stats", "checkin"]
+STAFF_COMMANDS = ["overdue", "illqueue", "illlending", "tickets", "stats", "checkin"]
 DUTY_COMMANDS = ["emergency", "drill", "allclear", "incidents"]
 
 

@@ -12,6 +12,7 @@ from telegram import Update
 from telegram.ext import Application
 
 from bot.app import build_application
+from bot.ill_exchange import start_ill_exchange, stop_ill_exchange
 from bot.settings import Settings
 from bot.web import webhook_app
 from storage.db import Database
@@ -32,6 +33,7 @@ async def start_bot(
     if app.post_init is not None:
         await app.post_init(app)
     await app.start()
+    await start_ill_exchange(app)  # POST /iso18626 and the partner sender, when LIBRARYBOT_ILL_AGENCY_ID is set
     if poll:
         assert app.updater is not None
         await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES)
@@ -40,6 +42,7 @@ async def start_bot(
 
 async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
     """Stop taking updates, finish the ones in flight, flush the state, and close."""
+    await stop_ill_exchange(app)
     if app.updater is not None and app.updater.running:
         await app.updater.stop()
     if app.running:

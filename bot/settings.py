@@ -64,6 +64,20 @@ class Settings(BaseSettings):
     sip2_rate: float = Field(default=10.0, gt=0, alias="LIBRARYBOT_SIP2_RATE")  # requests/s of the notice cycle
     # A staff group with topics: "kind=thread_id,…" (see STAFF_TOPIC_KINDS); other alerts go to the general topic.
     staff_topics: str | None = Field(default=None, alias="LIBRARYBOT_STAFF_TOPICS")
+    # Interlibrary loan with partner libraries over ISO 18626 (#22): this library's agency id, TYPE:VALUE,
+    # and where POST /iso18626 is served; the exchange runs only when the agency id is set.
+    ill_agency_id: str | None = Field(default=None, alias="LIBRARYBOT_ILL_AGENCY_ID")
+    ill_listen: str = Field(default="127.0.0.1:8444", alias="LIBRARYBOT_ILL_LISTEN")
+
+    @field_validator("ill_agency_id", mode="before")
+    @classmethod
+    def _ill_agency_id(cls, value: object) -> object:
+        if value is None or str(value).strip() == "":
+            return None
+        kind, sep, rest = str(value).strip().partition(":")
+        if not sep or not kind.strip() or not rest.strip():
+            raise ValueError("LIBRARYBOT_ILL_AGENCY_ID must be TYPE:VALUE, e.g. ISIL:CN-110000-L")
+        return f"{kind.strip()}:{rest.strip()}"
 
     @field_validator("language")
     @classmethod

@@ -36,10 +36,11 @@ from telegram.warnings import PTBUserWarning
 
 from bot.context import Who, services, who
 from bot.i18n import localise, t
+from bot.ill_exchange import identity_for, wake_exchange
 from bot.roles import requires
 from bot.ui import Button, answer, edit, escape, paginate, parse_page, reply
 from handlers.account import cancel_fallbacks
-from storage import ill
+from storage import ill, ill_exchange
 from storage.ill import CANCELLABLE, IllRequest, IllStatus, Invalid, Refusal
 from storage.people import Role
 
@@ -640,6 +641,7 @@ async def _show_requests(update: Update, context: ContextTypes.DEFAULT_TYPE, pag
     svc = services(context)
     async with svc.db.session() as session:
         requests = await ill.requests_of(session, me.user_id, me.reader_id)
+        with_partner = await ill_exchange.cancellable_with_partner(session, [r.id for r in requests])
     send = edit if by_edit else reply
     if not requests:
         await send(update, context, "ill.no_requests", lang=me.lang)
@@ -654,7 +656,7 @@ async def _show_requests(update: Update, context: ContextTypes.DEFAULT_TYPE, pag
             changed=_local(request.updated_at, context), submitted=_local(request.submitted_at, context),
             detail=f"\n{detail}" if detail else "",
         ))
-        if request.state in CANCELLABLE:
+        if request.state in CANCELLABLE or request.id in with_partner:
             buttons.append([("=" + t(me.lang, "ill.btn_cancel_request", number=request.number), f"illcx:{request.id}")])
         elif request.state == IllStatus.COMPLETED and request.rating is None:
             buttons.append([("=" + t(me.lang, "ill.btn_rate", number=request.number), f"illra:{request.id}")])
@@ -709,12 +711,32 @@ async def cancel_confirmed(update: Update, context: ContextTypes.DEFAULT_TYPE) -
             session, request_id, IllStatus.CANCELLED, actor=me.user_id, staff=False, now=svc.now(), policy=svc.policy,
             reader_id=me.reader_id, staff_chat_id=svc.settings.staff_chat_id,
         )
+    if result.refusal is Refusal.TOO_LATE_TO_CANCEL and await _ask_partner_to_cancel(update, context, me, request_id):
+        return
     if not result.ok:
         await answer(update, context, lang=me.lang, alert=True, **_refusal(me.lang, result))
         return
     assert result.request is not None
     await answer(update, context, lang=me.lang)
     await edit(update, context, "ill.cancelled", lang=me.lang, number=result.request.number)
+
+
+async def _ask_partner_to_cancel(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, request_id: int) -> bool:
+    """A request a partner library already has (ISO 18626): Cancel goes to the partner, whose answer decides."""
+    svc = services(context)
+    identity = identity_for(svc)
+    if identity is None:
+        return False
+    async with svc.db.session() as session:
+        asked = await ill_exchange.ask_partner_to_cancel(session, request_id, identity, svc.now())
+        request = await ill.get_request(session, request_id) if asked else None
+    if request is None:
+        return False
+    wake_exchange(context.bot_data)
+    await answer(update, context, lang=me.lang)
+    await edit(update, context, "ill_partners.cancel_asked", lang=me.lang, number=request.number,
+               partner=escape(request.partner))
+    return True
 
 
 async def cancel_kept(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -785,6 +807,7 @@ async def _card(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, r
         requester = await ill.requester_label(session, request)
         events = await ill.history(session, request.id)
         names = await ill.staff_names(session, [request.handled_by, *(e.actor for e in events)])
+        attempts = await ill_exchange.attempts_of(session, request.id)
     params = ill.staff_params(request, svc.policy, requester)
     params["branch"] = localise(lang, params["branch"])
     params["submitted"] = _local(request.submitted_at, context, with_time=True)
@@ -804,11 +827,37 @@ async def _card(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, r
         "status": t(lang, f"ill.status_{request.status}"),
         "age": _age(lang, request.submitted_at, svc.now()),
         "handler": escape(names.get(request.handled_by or 0, "—")),
-        "history": "\n".join(history),
+        "history": "\n".join(history + _partner_lines(lang, attempts, svc.policy)),
         "key": f"ill.staff_card_{request.kind}",
     }
     buttons: list[list[Button]] = [[(label, data) for label, data in row] for row in ill.staff_buttons(request)]
-    return params, buttons
+    return params, buttons + _partner_buttons(request, attempts, identity_for(svc) is not None and bool(svc.policy.ill.partners))
+
+
+def _partner_lines(lang: str, attempts: Sequence[ill_exchange.PartnerAttempt], policy: Any) -> list[str]:
+    """The partner libraries asked for a request (ISO 18626), for its card."""
+    if not attempts:
+        return []
+    lines = [t(lang, "ill_partners.card_partners")]
+    for attempt in attempts:
+        name = localise(lang, ill_exchange.partner_label(policy.ill.partner(attempt.agency_id), attempt.agency_id))
+        lines.append(t(
+            lang, "ill_partners.card_attempt", position=attempt.position, partner=escape(str(name)),
+            state=t(lang, f"ill_partners.state_{attempt.state}"),
+            reason=f" ({escape(attempt.reason)})" if attempt.reason else "",
+        ))
+    return lines
+
+
+def _partner_buttons(request: IllRequest, attempts: Sequence[ill_exchange.PartnerAttempt], exchange: bool) -> list[list[Button]]:
+    """Send to partners (while nobody was asked), Returned to partner (a partner's book, back from the reader)."""
+    rows: list[list[Button]] = []
+    if exchange and request.state in (IllStatus.SUBMITTED, IllStatus.IN_REVIEW):
+        rows.append([("ill_partners.btn_send", f"illsp:{request.id}:{request.status}")])
+    shipped = any(a.state == "shipped" for a in attempts)
+    if shipped and request.kind == ill.IllKind.LOAN and request.state in (IllStatus.RECEIVED, IllStatus.AVAILABLE):
+        rows.append([("ill_partners.btn_returned", f"illrp:{request.id}")])
+    return rows
 
 
 async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, request_id: int, *, by_edit: bool, lang: str) -> bool:
@@ -861,6 +910,10 @@ async def _apply_move(
             session, request_id, target, actor=me.user_id, staff=True, now=svc.now(), policy=svc.policy,
             expected=expected, partner=partner, reason=reason, staff_chat_id=svc.settings.staff_chat_id,
         )
+        identity = identity_for(svc)
+        if result.ok and result.request is not None and identity is not None:  # "received" tells the partner
+            await ill_exchange.after_staff_move(session, result.request, target, identity, svc.now())
+    wake_exchange(context.bot_data)
     if result.ok:
         await answer(update, context, "ill.moved", lang=me.lang, status=t(me.lang, f"ill.status_{target}"))
     else:

@@ -101,7 +101,7 @@ async def csv_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
 async def _report(context: ContextTypes.DEFAULT_TYPE, since: dt.date | None, until: dt.date | None) -> StatsReport:
     svc = services(context)
     async with svc.db.session() as session:
-        return await service_stats(session, since, until, svc.tz, svc.now())
+        return await service_stats(session, since, until, svc.tz, svc.now(), policy=svc.policy)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import storage.catalog
 import storage.circulation
 import storage.events
 import storage.ill
+import storage.ill_exchange
 import storage.ils_sip2
 import storage.incidents
 import storage.outbox
@@ -28,6 +29,7 @@ MODULES = [
     storage.circulation,
     storage.events,  # events and programmes (#17)
     storage.ill,
+    storage.ill_exchange,  # partner libraries over ISO 18626 (#22)
     storage.ils_sip2,  # forget_person: card rows only a SIP2 login made
     storage.incidents,
     storage.outbox,

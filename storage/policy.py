@@ -30,6 +30,7 @@ import datetime as dt
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -183,6 +184,55 @@ def _default_templates() -> dict[str, Template]:
     }
 
 
+class IllPartner(_Strict):
+    """A partner library (合作馆) reached over ISO 18626; ``[[ill.partners]]`` in rota order."""
+
+    agency_id: str  # TYPE:VALUE, e.g. ISIL:CN-110000-A
+    name_zh: str = Field(min_length=1)
+    name_en: str = Field(min_length=1)
+    endpoint: str  # where its ISO 18626 messages are POSTed
+    auth_header: str = ""  # sent as Authorization, when set
+
+    @field_validator("agency_id")
+    @classmethod
+    def _agency_id(cls, value: str) -> str:
+        kind, sep, rest = value.strip().partition(":")
+        if not sep or not kind.strip() or not rest.strip() or " " in kind.strip():
+            raise ValueError("must be TYPE:VALUE, e.g. ISIL:CN-110000-A")
+        return f"{kind.strip()}:{rest.strip()}"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        url = urlparse(value.strip())
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.strip()
+
+    def name(self, lang: str) -> str:
+        return self.name_zh if lang == "zh" else self.name_en
+
+
+class Ill(_Strict):
+    """Interlibrary loan with partner libraries."""
+
+    partners: list[IllPartner] = []
+
+    @field_validator("partners")
+    @classmethod
+    def _unique(cls, value: list[IllPartner]) -> list[IllPartner]:
+        seen: set[str] = set()
+        for partner in value:
+            if partner.agency_id in seen:
+                raise ValueError(f"agency_id {partner.agency_id} is listed twice")
+            seen.add(partner.agency_id)
+        return value
+
+    def partner(self, agency_id: str) -> IllPartner | None:
+        """The partner with this agency id (as ``TYPE:VALUE``), if listed."""
+        return next((p for p in self.partners if p.agency_id == agency_id), None)
+
+
 class Policy(_Strict):
     circulation: Circulation = Circulation()
     notices: Notices = Notices()
@@ -191,6 +241,7 @@ class Policy(_Strict):
     templates: dict[str, Template] = Field(default_factory=_default_templates)
     # Returned items with no hold are shelved here; shown in availability.
     retention_note: str = ""
+    ill: Ill = Ill()  # partner libraries over ISO 18626 (#22)
 
     @field_validator("templates")
     @classmethod

@@ -24,6 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage import csv_export
 from storage.events import EventStats, event_stats
 from storage.ill import CLOSED, FILLED, ORDER, IllKind, IllRequest, IllStatus
+from storage.ill_exchange import PartnerFigures, partner_csv_rows, partner_figures, partner_text
+from storage.policy import Policy
 
 # Open requests by age (days since submission): (key, from, to) with ``to`` excluded.
 BACKLOG_BUCKETS: list[tuple[str, float, float]] = [
@@ -98,6 +100,7 @@ class StatsReport:
     ill: IllFigures
     tickets: Any | None = None  # storage.tickets.TicketStats, when that module is installed
     events: EventStats | None = None  # events and programmes (#17)
+    partners: list[PartnerFigures] = field(default_factory=list)  # per partner library, ISO 18626 (#22)
 
     def period_label(self, lang: str = "en") -> str:
         """The period in words: ``2026-11-01 – 2026-11-30``, or up to today when it has no start."""
@@ -135,6 +138,8 @@ class StatsReport:
         buckets = w["sep"].join(f"{w['age_' + key]} {ill.backlog.get(key, 0)}" for key, _, _ in BACKLOG_BUCKETS)
         lines.append(f"{w['backlog']}{c}{ill.backlog_total} — {buckets}")
         lines.append(_rating_line(w, ill.average_rating, len(ill.ratings)))
+        if self.partners:
+            lines += ["", *partner_text(self.partners, lang)]
         if self.tickets is not None:
             lines += ["", *self._ticket_lines(w)]
         if self.events is not None:
@@ -190,6 +195,7 @@ class StatsReport:
         for week in ill.weeks:
             for outcome in OUTCOMES:
                 writer.writerow(["ill", f"week_{outcome}", week.start.isoformat(), getattr(week, outcome)])
+        writer.writerows(partner_csv_rows(self.partners))
         tk = self.tickets
         if tk is not None:
             for category, count in sorted((getattr(tk, "by_category", {}) or {}).items()):
@@ -349,13 +355,18 @@ def _week_series(
 
 
 async def service_stats(
-    session: AsyncSession, since: dt.date | None, until: dt.date | None, tz: ZoneInfo, now: dt.datetime
+    session: AsyncSession, since: dt.date | None, until: dt.date | None, tz: ZoneInfo, now: dt.datetime,
+    policy: Policy | None = None,
 ) -> StatsReport:
     """Every service figure for the period from ``since`` to ``until`` (local dates, both included);
     ``PeriodOutOfRange`` for a date outside ``FIRST_DAY``…``LAST_DAY``."""
     check_period(since, until)
     report = StatsReport(since, until, now, tz, await ill_figures(session, since, until, tz, now))
     report.events = await event_stats(session, *local_bounds(since, until, tz), now)
+    if policy is not None:  # per partner library (names from the policy)
+        report.partners = [
+            f for f in await partner_figures(session, policy, *local_bounds(since, until, tz)) if f.borrowed or f.lent
+        ]
     try:
         from storage.tickets import ticket_stats  # type: ignore[attr-defined]
     except ImportError:  # complaints are not installed in this build
