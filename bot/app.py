@@ -17,7 +17,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
+from handlers import account, broadcast, ill, incidents, loans, reference, search, stats, tickets
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -60,6 +60,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     incidents.register(app)  # /report conversation, "I'm handling it", /incidents reports and CSV, the escalation job
 
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
+
+    reference.register(app)  # /ask, /desk, /end, Take and the rf: buttons; before the search fallback: a message of someone in a reference conversation is relayed, not searched
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 

@@ -53,3 +53,9 @@ def _upgrade(connection: object, url: str) -> None:
     config = alembic_config(url)
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+# --- Reference desk (#16): the answer base, desk duty, conversations, saved replies ---------------
+import storage.reference  # noqa: E402  (its models join the others; forget_person and seed_demo run with them)
+
+MODULES.append(storage.reference)

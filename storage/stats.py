@@ -96,6 +96,7 @@ class StatsReport:
     tz: ZoneInfo
     ill: IllFigures
     tickets: Any | None = None  # storage.tickets.TicketStats, when that module is installed
+    reference: Any | None = None  # storage.reference.ReferenceStats (#16)
 
     def period_label(self, lang: str = "en") -> str:
         """The period in words: ``2026-11-01 – 2026-11-30``, or up to today when it has no start."""
@@ -135,6 +136,8 @@ class StatsReport:
         lines.append(_rating_line(w, ill.average_rating, len(ill.ratings)))
         if self.tickets is not None:
             lines += ["", *self._ticket_lines(w)]
+        if self.reference is not None:
+            lines += ["", *self.reference.text_lines(lang)]
         return "\n".join(lines)
 
     def _ticket_lines(self, w: dict[str, str]) -> list[str]:
@@ -197,6 +200,8 @@ class StatsReport:
             writer.writerow(["tickets", "sla_breaches", "", getattr(tk, "sla_breaches", 0)])
             writer.writerow(["tickets", "rating", "average", _num(getattr(tk, "average_rating", None))])
             writer.writerow(["tickets", "rating", "count", getattr(tk, "ratings", 0)])
+        if self.reference is not None:
+            writer.writerows(self.reference.csv_rows())
         return out.getvalue()
 
 
@@ -336,6 +341,9 @@ async def service_stats(
         return report
     start, end = local_bounds(since, until, tz)
     report.tickets = await ticket_stats(session, start, end, now)
+    from storage.reference import reference_stats  # the reference desk (#16)
+
+    report.reference = await reference_stats(session, start, end)
     return report
 
 
