@@ -805,7 +805,7 @@ async def to_librarian(
     await session.refresh(conversation)
     if not done.rowcount:  # type: ignore[attr-defined]
         return Result(Outcome.ALREADY, conversation)
-    params = {"number": conversation.id, "question": clip(conversation.question, MESSAGE_CLIP), "lang": {"zh": "中文", "en": "English"}[conversation.lang]}
+    params = {"number": conversation.id, "question": clip(conversation.question, MESSAGE_CLIP), "language": {"zh": "中文", "en": "English"}[conversation.lang]}
     for staff_id in await on_duty(session):
         await enqueue(
             session, staff_id, "reference.staff_new", params, kind="reference", priority=Priority.ALERT,
@@ -1311,11 +1311,12 @@ async def reference_stats(session: AsyncSession, since: dt.datetime | None, unti
     if until is not None:
         query = query.where(DeskConversation.created_at < until)
     rows = list(await session.scalars(query))
-    counts = dict((await session.execute(
+    counted = await session.execute(
         select(DeskMessage.conversation_id, func.count()).where(
             DeskMessage.conversation_id.in_([r.id for r in rows if r.taken_at]), DeskMessage.side != "note"
         ).group_by(DeskMessage.conversation_id)
-    )).tuples().all()) if rows else {}
+    ) if rows else None
+    counts: dict[int, int] = {int(cid): int(n) for cid, n in counted.all()} if counted is not None else {}
 
     def minutes(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
         return (b - a).total_seconds() / 60 if a is not None and b is not None else None
