@@ -166,80 +166,123 @@ class SavedReply(Base):
 # Library words in both languages mapped to shared concepts (longest phrase wins). A concept is a
 # token of its own, so "extend my loan", "renewal" and "续借" meet, in either language.
 CONCEPTS: dict[str, tuple[str, ...]] = {
-    "renew": ("renew", "renewal", "renewing", "renewed", "extend", "extension", "keep longer", "more time",
-              "续借", "续期", "延期", "延长借期", "延长", "多借几天", "再借"),
-    "borrow": ("borrow", "borrowing", "loan", "loans", "check out", "checkout", "lend", "take out", "take home",
-               "借书", "借阅", "外借", "借出", "借走", "能借", "可借", "借"),
-    "return": ("return", "returning", "give back", "bring back", "drop off", "book drop", "drop box", "book return",
-               "还书", "归还", "还回", "还"),
-    "fine": ("fine", "fines", "fee", "fees", "penalty", "late charge", "charge", "charges", "pay",
-             "罚款", "滞纳金", "逾期费", "超期费", "欠款", "罚金", "交钱", "缴费", "付款"),
-    "overdue": ("overdue", "late", "past due", "逾期", "超期", "过期", "晚还"),
-    "card": ("library card", "card", "membership", "member", "读者证", "借书证", "借书卡", "图书卡", "图书证", "借阅证", "一卡通", "校园卡", "读者卡", "证件"),
-    "lost": ("lost", "lose", "missing", "misplaced", "damaged", "damage", "broke", "丢失", "遗失", "丢了", "弄丢", "损坏", "污损", "弄坏", "丢"),
-    "hold": ("hold", "holds", "reserve", "reservation", "place a hold", "预约", "预定", "预借"),
+    "renew": ("renew", "renews", "renewal", "renewals", "renewing", "renewed", "extend", "extended", "extension",
+              "keep longer", "keep it longer", "a bit longer", "more time", "续借", "续期", "延期", "延长借期", "再借", "再看几天", "多借几天"),
+    "borrow": ("borrow", "borrows", "borrowed", "borrowing", "loan", "loans", "check out", "checkout", "checked out",
+               "lend", "lends", "lent", "lending", "take out", "take home", "借书", "借阅", "外借", "借出", "借走", "借"),
+    "return": ("return", "returns", "returned", "returning", "give back", "bring back", "drop off", "book drop", "drop box",
+               "还书", "归还", "还回", "在总馆还", "能还"),
+    "fine": ("fine", "fines", "late fee", "late fees", "penalty", "penalties", "罚款", "滞纳金", "逾期费", "超期费", "罚金"),
+    "cost": ("cost", "costs", "price", "charge", "charges", "pay", "paying", "how much", "free of charge",
+             "多少钱", "收费", "费用", "要钱", "付款", "缴费", "缴纳", "交钱"),
+    "overdue": ("overdue", "late", "past due", "逾期", "超期", "过期", "晚还", "到期"),
+    "card": ("library card", "card", "cards", "membership", "读者证", "借书证", "借书卡", "图书卡", "图书证", "借阅证", "一卡通", "校园卡", "读者卡", "卡"),
+    "lost": ("lost", "lose", "losing", "missing", "misplaced", "can't find", "cant find", "丢失", "遗失", "丢了", "弄丢", "丢"),
+    "damage": ("damage", "damaged", "spilled", "spill", "torn", "broke", "broken book", "损坏", "污损", "弄坏", "撕", "赔"),
+    "forgot": ("forgot", "forget", "forgotten", "忘记", "忘了", "想不起"),
+    "hold": ("hold", "holds", "reserve", "reserved", "reserving", "reservation", "place a hold", "预约", "预定", "预借"),
+    "cancel": ("cancel", "cancelled", "no longer need", "withdraw", "取消", "撤销", "不想要"),
     "hours": ("opening hours", "hours", "open", "opening", "close", "closing", "closed", "what time",
-              "开放时间", "开馆", "闭馆", "几点", "开门", "关门", "营业", "开放"),
-    "wifi": ("wifi", "wi fi", "wireless", "internet", "network", "无线网", "无线", "网络", "上网"),
-    "print": ("print", "printer", "printing", "打印", "打印机"),
-    "copy": ("photocopy", "photocopier", "copier", "scan", "scanner", "scanning", "复印", "扫描"),
+              "开放时间", "开馆", "闭馆", "几点", "开门", "关门", "开不开", "开放"),
+    "holiday": ("holiday", "holidays", "national day", "spring festival", "vacation", "节假日", "假日", "放假", "国庆", "春节", "假期"),
+    "exam": ("exam", "exams", "finals", "exam week", "exam weeks", "考试", "期末", "考试周"),
+    "wifi": ("wifi", "wi fi", "wireless", "internet", "get online", "network", "无线网", "无线", "网络", "上网", "连网"),
+    "print": ("print", "printer", "printers", "printing", "打印", "打印机"),
+    "copy": ("photocopy", "photocopier", "photocopiers", "copier", "make copies", "copies", "复印", "复印机"),
+    "scan": ("scan", "scanner", "scanning", "digitise", "digitize", "扫描", "扫描仪"),
     "room": ("study room", "group room", "discussion room", "meeting room", "room", "rooms",
-             "研讨室", "讨论室", "自习室", "学习室", "研修间", "会议室", "房间"),
-    "seat": ("seat", "seats", "desk space", "place to study", "座位", "占座", "选座", "位子"),
+             "研讨室", "讨论室", "学习室", "研修间", "会议室", "房间"),
+    "seat": ("seat", "seats", "desk", "desks", "座位", "占座", "选座", "位子", "座"),
     "password": ("password", "pin", "密码"),
     "ill": ("interlibrary", "inter library", "ill", "document delivery", "another library", "other library", "other libraries",
-            "馆际互借", "文献传递", "馆际", "其他图书馆", "外馆"),
+            "different university", "other universities", "馆际互借", "文献传递", "馆际", "其他图书馆", "别的图书馆", "外馆"),
     "eresource": ("database", "databases", "e resource", "e resources", "electronic resource", "electronic resources",
                   "e journal", "ejournal", "online journal", "off campus", "remote access", "from home", "vpn",
-                  "数据库", "电子资源", "校外访问", "远程访问", "电子期刊", "校外", "在家"),
-    "ebook": ("ebook", "ebooks", "e book", "e books", "electronic book", "kindle", "电子书"),
-    "food": ("food", "eat", "eating", "drink", "drinks", "snack", "coffee", "饮食", "吃东西", "吃", "喝水", "饮料", "食物"),
+                  "数据库", "电子资源", "校外访问", "远程访问", "电子期刊", "在家"),
+    "ebook": ("ebook", "ebooks", "e book", "e books", "electronic book", "read online", "kindle", "电子书", "在线看", "在线阅读"),
+    "download": ("download", "downloads", "offline", "下载"),
+    "mobile": ("mobile", "app", "tablet", "ipad", "smartphone", "手机", "平板", "公众号", "微信", "移动"),
+    "subscribe": ("subscribe", "subscribes", "subscription", "subscriptions", "订购", "订阅"),
+    "openaccess": ("open access", "free articles", "开放获取"),
+    "food": ("food", "eat", "eating", "drink", "drinks", "snack", "snacks", "coffee", "tea", "咖啡", "零食", "饮食", "吃东西", "吃", "喝水", "饮料", "食物"),
+    "cafe": ("cafe", "coffee shop", "buy a coffee", "咖啡厅", "咖啡馆", "卖咖啡"),
     "locker": ("locker", "lockers", "bag", "bags", "backpack", "存包", "储物柜", "寄存", "包"),
-    "lostfound": ("lost and found", "left my", "left behind", "forgot my", "失物招领", "落下", "遗落", "落在"),
-    "purchase": ("suggest a purchase", "recommend", "recommendation", "purchase", "buy", "order a book",
+    "lostfound": ("lost and found", "left my", "left behind", "失物招领", "落下", "遗落", "落在", "失物"),
+    "purchase": ("suggest a purchase", "recommend", "recommendation", "purchase", "buy", "order a book", "should get",
                  "荐购", "推荐购买", "推荐", "采购", "购买", "买"),
-    "donate": ("donate", "donation", "donating", "gift", "捐赠", "捐书", "赠书"),
-    "visitor": ("visitor", "visitors", "guest", "public", "outsider", "non student", "alumni", "alumnus", "community",
-                "校外人员", "访客", "外来", "社会读者", "校友", "非本校"),
+    "donate": ("donate", "donation", "donations", "donating", "give my books", "give my old books", "捐赠", "捐书", "赠书", "捐"),
+    "visitor": ("visitor", "visitors", "guest", "outsider", "non student", "not a student", "community", "outside the university",
+                "校外人员", "访客", "外来", "社会读者", "社会人士", "校外读者", "非本校"),
+    "alumni": ("alumni", "alumnus", "graduated", "graduates", "校友", "毕业了"),
+    "clearance": ("clearance", "outstanding loans", "leaving the university", "离校", "离校手续"),
     "thesis": ("thesis", "theses", "dissertation", "dissertations", "学位论文", "毕业论文", "硕士论文", "博士论文"),
-    "citation": ("cite", "citation", "citations", "citing", "reference style", "bibliography", "endnote", "zotero",
-                 "引用", "参考文献", "文献管理"),
+    "citation": ("cite", "citation", "citations", "citing", "referencing", "reference style", "bibliography", "apa",
+                 "引用", "参考文献", "文献格式"),
+    "refsoftware": ("endnote", "zotero", "mendeley", "reference management", "文献管理"),
     "plagiarism": ("plagiarism", "similarity check", "duplicate check", "originality", "查重", "抄袭", "相似度"),
-    "limit": ("how many", "limit", "maximum", "max", "quota", "几本", "多少本", "上限", "最多", "数量"),
-    "period": ("how long", "loan period", "days", "weeks", "多久", "多长时间", "借期", "几天", "期限"),
-    "apply": ("apply", "application", "register", "registration", "sign up", "get a", "issue", "办理", "申请", "注册", "办"),
+    "limit": ("how many", "limit", "maximum", "max", "quota", "几本", "多少本", "上限", "最多", "数量", "几次", "次数"),
+    "period": ("how long", "loan period", "how many days", "多久", "多长时间", "借期", "几天", "期限", "多长"),
+    "apply": ("apply", "application", "register", "registration", "sign up", "办理", "申请", "注册", "办卡", "办证", "办一张"),
     "access": ("wheelchair", "disability", "disabled", "accessible", "accessibility", "无障碍", "残障", "轮椅", "残疾"),
     "child": ("child", "children", "kid", "kids", "儿童", "少儿", "孩子", "小孩"),
-    "charge_power": ("charging", "charger", "socket", "sockets", "outlet", "outlets", "plug", "充电", "插座", "电源"),
+    "charge_power": ("charging", "charger", "charge my", "socket", "sockets", "outlet", "outlets", "plug", "power",
+                     "充电", "插座", "电源"),
     "journal": ("journal", "journals", "periodical", "periodicals", "magazine", "magazines", "newspaper", "newspapers",
                 "期刊", "杂志", "报纸", "报刊"),
-    "rare": ("rare book", "rare books", "ancient", "special collection", "special collections", "古籍", "善本", "特藏"),
+    "article": ("article", "articles", "paper", "papers", "论文", "文章"),
+    "rare": ("rare book", "rare books", "ancient", "manuscript", "manuscripts", "special collection", "special collections",
+             "古籍", "善本", "特藏", "手稿"),
     "selfservice": ("self checkout", "self service", "kiosk", "machine", "自助借还机", "自助", "机器"),
-    "history": ("borrowing history", "reading history", "history", "record of", "借阅记录", "借阅历史", "记录"),
-    "parking": ("parking", "park my car", "car park", "停车", "车位"),
-    "photo": ("photograph", "photos", "take pictures", "camera", "拍照", "照相"),
-    "noise": ("quiet", "noise", "noisy", "silent", "安静", "噪音", "吵"),
-    "renew_online": ("online", "website", "app", "在线", "网上", "网站", "手机"),
+    "history": ("borrowing history", "reading history", "history", "borrowed before", "借阅记录", "借阅历史", "记录"),
+    "parking": ("parking", "park my car", "car park", "park", "停车", "车位", "开车"),
+    "photo": ("photograph", "photos", "photo", "take pictures", "camera", "拍照", "照相"),
+    "noise": ("quiet", "noise", "noisy", "silent", "silence", "安静", "噪音", "吵"),
     "group": ("group", "groups", "team", "小组", "团队"),
-    "pickup": ("pick up", "pickup", "collect", "取书", "领取", "取"),
-    "phone": ("phone", "call", "telephone", "电话"),
-    "ask": ("ask a librarian", "librarian", "help", "reference", "咨询", "馆员", "帮助"),
-    "training": ("workshop", "workshops", "training", "class", "course", "讲座", "培训", "课程"),
-    "newbook": ("new books", "new arrivals", "latest", "新书"),
-    "textbook": ("textbook", "textbooks", "course reserve", "course reserves", "教材", "教参", "课本"),
+    "pickup": ("pick up", "pickup", "collect", "取书", "领取", "去哪儿拿", "拿"),
+    "phone": ("phone call", "phone calls", "phone", "call", "calls", "telephone", "电话", "打电话", "接电话"),
+    "ask": ("ask a librarian", "librarian", "librarians", "help", "咨询", "馆员", "帮忙", "帮助"),
+    "subject_librarian": ("subject librarian", "one to one", "appointment", "学科馆员", "预约咨询"),
+    "training": ("workshop", "workshops", "training", "class", "classes", "course", "courses", "literacy", "讲座", "培训", "课程", "课", "信息素养"),
+    "event": ("event", "events", "exhibition", "exhibitions", "what's on", "whats on", "活动", "展览", "讲座"),
+    "venue": ("hold an event", "venue", "rent", "renting", "hire", "club meeting", "场地", "举办", "社团"),
+    "complaint": ("complain", "complaint", "complaints", "feedback", "suggestion", "投诉", "建议", "意见"),
+    "problem": ("broken", "not working", "doesn't work", "jammed", "out of order", "report a problem", "problem",
+                "坏了", "报修", "故障", "不能用"),
+    "account": ("account", "contact details", "personal details", "profile", "账户", "账号", "联系方式"),
+    "update": ("update", "change", "changed", "修改", "更改", "换了", "改"),
+    "privacy": ("privacy", "personal data", "personal information", "隐私", "个人信息", "被别人看到"),
+    "delete": ("delete", "remove all", "close my account", "注销", "删除"),
+    "catalog": ("catalog", "catalogue", "opac", "search the catalog", "have a certain book", "查书", "有没有这本书", "馆藏目录"),
+    "computer": ("computer", "computers", "pc", "pcs", "电脑", "计算机"),
+    "laptop": ("laptop", "laptops", "notebook computer", "notebooks computers", "笔记本电脑", "笔记本"),
+    "dvd": ("dvd", "dvds", "film", "films", "movie", "movies", "光盘", "影碟", "电影"),
+    "standard": ("standard", "standards", "patent", "patents", "标准", "国标", "专利"),
+    "statistics": ("statistics", "census", "data set", "figures", "统计", "年鉴", "统计数据"),
+    "emergency": ("fire", "emergency", "evacuate", "emergency exits", "火灾", "着火", "紧急", "撤离", "疏散"),
+    "notify": ("notify", "notified", "notification", "remind", "reminder", "reminders", "提醒", "通知"),
+    "friend": ("friend", "someone else", "someone else's", "another person", "别人", "同学", "朋友", "替"),
+    "foreign": ("other languages", "foreign", "english books", "books in english", "外文", "原版", "英文"),
+    "maker": ("makerspace", "3d printer", "3d printing", "创客", "3d打印"),
+    "textbook": ("textbook", "textbooks", "course reserve", "course reserves", "on reserve", "professor",
+                 "教材", "教参", "课本", "老师指定"),
+    "newbook": ("new books", "new arrivals", "新书"),
+    "toilet": ("toilet", "toilets", "restroom", "water fountain", "water bottle", "洗手间", "厕所", "饮水机", "热水"),
+    "map": ("map", "maps", "地图"),
+    "branch": ("branch", "branches", "分馆"),
 }
 
 _EN_STOP = frozenset(
     """a an the i me my mine you your yours we our us it its is are am was were be been being do does did
     can could would should will shall may might must to of in on at by for from with about into and or
     if so that this these those there here how what which who whom please hi hello thanks thank get got
-    want wanted need needed like know tell some any just also still really way ok okay""".split()
+    want wanted need needed like know tell some any just also still really way ok okay what whats have has
+    use using allowed allow possible""".split()
 )
 _ZH_STOP_WORDS = (
-    "请问", "怎么", "怎样", "如何", "什么", "可以", "能否", "能不能", "可不可以", "是否", "一下", "需要", "哪里", "哪儿",
-    "我们", "你们", "您好", "你好", "谢谢", "有没有", "是不是", "图书馆", "本馆",
+    "怎么办", "为什么", "在哪", "会不会", "时候", "请问", "怎么", "怎样", "如何", "什么", "可以", "能否", "能不能", "可不可以", "是否", "一下", "需要", "哪里", "哪儿",
+    "我们", "你们", "您好", "你好", "谢谢", "有没有", "是不是", "图书馆", "本馆", "进去", "进来", "带",
 )
-_ZH_STOP_CHARS = frozenset("的了吗呢吧啊呀我你您他她它是在有和与及或要想能会把被给对让这那就都也么个一些吗？?，,。.！!、")
+_ZH_STOP_CHARS = frozenset("的了吗呢吧啊呀我你您他她它是在有和与及或要想能会把被给对让这那就都也么个一些哪吗？?，,。.！!、")
 _WORD = re.compile(r"[a-z0-9]+")
 _HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
 
@@ -273,8 +316,10 @@ def _stem(word: str) -> str:
 
 
 def _clean(text: str) -> str:
-    """Folded text with punctuation as spaces (hyphens and apostrophes join nothing)."""
-    return re.sub(r"[^\w\u3400-\u9fff]+", " ", fold(text).replace("'", "")).strip()
+    """Folded text with punctuation as spaces (hyphens and apostrophes join nothing), and a space
+    between Chinese and Latin letters ("连wifi" → "连 wifi")."""
+    clean = re.sub(r"[^\w\u3400-\u9fff]+", " ", fold(text).replace("'", "")).strip()
+    return re.sub(r"(?<=[\u3400-\u9fff])(?=[a-z0-9])|(?<=[a-z0-9])(?=[\u3400-\u9fff])", " ", clean)
 
 
 def _zh_tokens(run: str) -> list[str]:
@@ -360,7 +405,7 @@ class _Side:
 class AnswerIndex:
     """The answer base held in memory for matching (a few thousand entries match in milliseconds)."""
 
-    THRESHOLD = 0.34
+    THRESHOLD = 0.26  # below this an entry is not offered (measured with bench/faq.py)
 
     def __init__(self, entries: Iterable[Candidate]) -> None:
         self.sides: list[_Side] = []
@@ -381,19 +426,28 @@ class AnswerIndex:
             df.update(seen)
         self.size = count
         self.idf = {t: math.log((count + 1) / (n + 0.5)) + 0.1 for t, n in df.items()}
-        self.vocabulary = sorted(t for t in df if t.isascii() and t.isalpha() and len(t) >= 4)
+        # Words a typo is corrected to: the answer base's own, and the concepts' English words.
+        words = {t: t for t in df if t.isascii() and t.isalpha() and len(t) >= 4}
+        _, english, _, _ = _concept_patterns()
+        words.update({w: f"#{c}" for w, c in english.items() if w.isalpha() and len(w) >= 4 and f"#{c}" in df})
+        self.corrections = words
+        self.vocabulary = sorted(words)
         self.default_idf = math.log(count + 1) + 0.1
 
     def _weight(self, token: str) -> float:
-        return self.idf.get(token, self.default_idf)
+        # A word no entry has tells what the question is about as much as a rare word, but it cannot
+        # tell entries apart: half weight, so that one such word does not hide a good match. A
+        # single Chinese character says less than a pair or a concept: half weight too.
+        weight = self.idf.get(token, self.default_idf / 2)
+        return weight / 2 if len(token) == 1 and not token.isascii() else weight
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one index lives as long as its answer base)
     def _correction(self, word: str) -> str | None:
         """The answer base's own word closest to an unknown English word (a typo), if close enough."""
         if word in self.idf or len(word) < 4 or not word.isascii() or not word.isalpha():
             return None
-        found = process.extractOne(word, self.vocabulary, scorer=fuzz.ratio, score_cutoff=80)
-        return found[0] if found else None
+        found = process.extractOne(word, self.vocabulary, scorer=fuzz.ratio, score_cutoff=75)
+        return self.corrections[found[0]] if found else None
 
     def _query(self, text: str) -> list[tuple[str, float]]:
         """The question's tokens with their weights (a corrected typo counts a little less)."""
