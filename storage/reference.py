@@ -1448,14 +1448,21 @@ async def seed_demo(
     if await session.get(StaffMember, DEMO_STAFF_ID) is not None:
         await set_duty(session, DEMO_STAFF_ID, True, now)
     readers = reader_user_ids or [7000]
-    past = [("图书馆有没有《红楼梦》的英译本？", 5, 2), ("Can I get access to JSTOR from home?", 4, 3)]
-    for index, (question, stars, effort) in enumerate(past):
+    past = [
+        ("图书馆有没有《红楼梦》的英译本？", 5, 2, "有的：霍克思译本 The Story of the Stone 在三层外文书库，索书号 I242.4/C226。"),
+        ("Can I get access to JSTOR from home?", 4, 3, "Yes: connect to the campus VPN first, then open JSTOR from the library's database list."),
+    ]
+    for index, (question, stars, effort, reply) in enumerate(past):
         asked = now - dt.timedelta(days=2 + index, hours=rng.randint(0, 5))
-        session.add(DeskConversation(
+        conversation = DeskConversation(
             reader_id=readers[index % len(readers)], lang=question_language(question), question=question,
             status=Status.CLOSED, queued_at=asked, created_at=asked, staff_id=DEMO_STAFF_ID,
             taken_at=asked + dt.timedelta(minutes=3), first_answer_at=asked + dt.timedelta(minutes=4),
             ended_at=asked + dt.timedelta(minutes=15), ended_by="staff", rating=stars, rated_at=asked + dt.timedelta(minutes=16),
             effort=effort,
-        ))
+        )
+        session.add(conversation)
+        await session.flush()
+        session.add(DeskMessage(conversation_id=conversation.id, at=asked + dt.timedelta(minutes=4), side="staff",
+                                author_id=DEMO_STAFF_ID, text=reply))
     await session.flush()
