@@ -17,7 +17,7 @@ READER_COMMANDS = [
     "search", "loans", "renew", "holds", "ill", "requests", "complain", "tickets",
     "report", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
 ]
-READER_COMMANDS.insert(READER_COMMANDS.index("complain"), "ask")  # the reference desk (#16)
+READER_COMMANDS[READER_COMMANDS.index("complain"):0] = ["ask", "end"]  # the reference desk (#16): readers end a conversation too
 STAFF_COMMANDS = ["overdue", "illqueue", "tickets", "stats"]
 STAFF_COMMANDS += ["desk", "end"]  # the reference desk (#16)
 DUTY_COMMANDS = ["emergency", "drill", "allclear", "incidents"]
