@@ -680,12 +680,21 @@ async def waiting_job(context: ContextTypes.DEFAULT_TYPE) -> None:
         _wake(context)
 
 
+async def cancel_pending(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """/cancel also drops a one-message step of the desk (the question after a bare /ask, a note, …);
+    the /cancel handler of group 0 answers the person."""
+    state = context.user_data.get(KEY)
+    if state and state.pop("pending", None) is not None and not state:
+        context.user_data.pop(KEY, None)
+
+
 def register(app: Application) -> None:  # type: ignore[type-arg]
     """/ask, /desk, /end, the conversation router and every ``rf:`` button, the waiting job."""
     app.add_handler(CommandHandler("ask", ask_command))
     app.add_handler(CommandHandler("desk", desk_command))
     app.add_handler(CommandHandler("end", end_command))
     app.add_handler(DeskRouter(app))
+    app.add_handler(CommandHandler("cancel", cancel_pending), group=1)  # after group 0's /cancel answered
     for pattern, callback in (
         (r"^rf:ok:\d+:\d+$", answers_pressed),
         (r"^rf:lib:\d+$", librarian_pressed),

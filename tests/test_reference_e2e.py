@@ -194,8 +194,14 @@ async def test_answer_base_in_both_languages_then_a_librarian_to_the_end(desk: E
 async def test_waiting_hand_over_records_and_forged_buttons(desk: EmbeddedBot) -> None:
     relax_flood_control(desk)
     fang = await watch(desk, READER)
+    # A bare /ask waits for the question; /cancel drops that step (the next text is a search).
+    assert "What would you like to ask" in texts(await fang.send("/ask"))
+    await fang.send("/cancel")
+    assert "Q1" not in texts(await fang.send("deep learning"))
+    assert await count(desk, DeskConversation) == 0
     # Nothing in the answer base: straight to the queue; nobody on duty takes it.
-    queued = texts(await fang.send("/ask Do you have the 1936 Shanghai telephone directory?"))
+    await fang.send("/ask")
+    queued = texts(await fang.send("Do you have the 1936 Shanghai telephone directory?"))
     assert "passing your question to a librarian" in queued and "Q1" in queued
     desk.move_clock(dt.timedelta(minutes=11))
     await desk.run_jobs()
