@@ -118,6 +118,12 @@ def _local(when: dt.datetime | None, context: ContextTypes.DEFAULT_TYPE) -> str:
     return when.astimezone(services(context).tz).strftime("%Y-%m-%d %H:%M") if when else "—"
 
 
+def _short(text: str, limit: int) -> str:
+    """A button label: plain text (buttons are not HTML), cut with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _incoming(message: Message) -> tuple[str, Attachment | None]:
     """The text (or caption) and the photo or document of a message."""
     text = message.text or message.caption or ""
@@ -416,7 +422,7 @@ async def saved_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
         return
     async with services(context).db.session() as session:
         replies = await saved_replies(session)
-    rows: list[list[Button]] = [[(f"={_clip(r.text, 60)}", f"rf:sr:{number}:{r.id}")] for r in replies[:20]]
+    rows: list[list[Button]] = [[(f"={_short(r.text, 60)}", f"rf:sr:{number}:{r.id}")] for r in replies[:20]]
     rows.append([("reference.btn_saved_add", f"rf:sradd:{number}")])
     await reply(update, context, "reference.saved_list", buttons=rows, lang=me.lang, count=len(replies))
 
@@ -507,7 +513,7 @@ async def handover_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -
     if not colleagues:
         await reply(update, context, "reference.nobody_free", lang=me.lang)
         return
-    rows: list[list[Button]] = [[(f"={_clip(name, 40)}", f"rf:to:{number}:{staff_id}")] for staff_id, name in colleagues]
+    rows: list[list[Button]] = [[(f"={_short(name, 40)}", f"rf:to:{number}:{staff_id}")] for staff_id, name in colleagues]
     await reply(update, context, "reference.handover_to", buttons=rows, lang=me.lang)
 
 

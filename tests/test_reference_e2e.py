@@ -242,6 +242,8 @@ async def test_waiting_hand_over_records_and_forged_buttons(desk: EmbeddedBot) -
     assert "now with librarian Chen Jie" in (await latest(fang, "Chen Jie"))["text"]
     await chen.send("The original is in our special collections.", expect=False)
     assert "special collections" in (await latest(fang, "special collections"))["text"]
+    await chen.send_photo(caption="the catalogue card", expect=False)
+    assert (await latest(fang, "the catalogue card"))["photo"]
     # Li Na's text is no longer relayed (it is a search for her now).
     await li.send("hello there", expect=False)
     await asyncio.sleep(0.5)
