@@ -36,6 +36,7 @@ from storage.reference import (
     Result,
     Status,
     active_conversations,
+    add_entry,
     add_saved_reply,
     answer_draft,
     answered_by_base,
@@ -267,6 +268,7 @@ async def _show_desk(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who
     ]
     rows: list[list[Button]] = [[(f"={t(me.lang, 'reference.btn_take_number', number=c.id)}", f"rf:take:{c.id}")] for c in waiting[:QUEUE_SHOWN]]
     rows.append([("reference.btn_duty_off", "rf:duty:0") if on else ("reference.btn_duty_on", "rf:duty:1")])
+    rows.append([("reference.btn_faq_add", "rf:faqadd")])
     key = "reference.desk_on" if on else "reference.desk_off"
     open_now = desk_open(svc.policy, now, svc.tz)
     params = {
@@ -350,6 +352,9 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     text, attachment = _incoming(message)
     if pending == "ask" and text.strip():
         await _question(update, context, me, text.strip())
+        return
+    if pending in ("faq_question", "faq_answer") and me.is_staff:
+        await _faq_step(update, context, me, pending, text)
         return
     if pending.startswith(("note:", "record:", "save:")):
         kind, _, number = pending.partition(":")
@@ -574,6 +579,37 @@ async def _end(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, numb
     log.info("reference conversation %s ended by %s", conversation.id, conversation.ended_by)
 
 
+@requires(Role.STAFF)
+async def faq_add_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """"Add to the answer base" on the desk card: the question, then the answer, as two messages."""
+    me = await who(update, context)
+    await answer(update, context, lang=me.lang)
+    _state(context)["pending"] = "faq_question"
+    await reply(update, context, "reference.faq_ask_question", lang=me.lang)
+
+
+async def _faq_step(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, step: str, text: str) -> None:
+    svc = services(context)
+    state = _state(context)
+    problem = text_problem(text)
+    if problem is not None:
+        state["pending"] = step  # ask again
+        await reply(update, context, f"reference.{problem.value}", lang=me.lang, limit=MAX_TEXT)
+        return
+    if step == "faq_question":
+        state["pending"], state["faq_question"] = "faq_answer", text.strip()
+        await reply(update, context, "reference.faq_ask_answer", lang=me.lang)
+        return
+    question = str(state.pop("faq_question", "") or "")
+    if not question:
+        await reply(update, context, "reference.save_refused", lang=me.lang)
+        return
+    async with svc.db.session() as session:
+        entry = await add_entry(session, question, text, me.user_id, svc.now())
+    log.info("staff %s added answer-base entry %s", me.user_id, entry.id)
+    await reply(update, context, "reference.saved_to_base", lang=me.lang, entry=entry.id)
+
+
 # --------------------------------------------------------------------------------------------------
 # After the end: rating, effort, saving the answer
 
@@ -705,6 +741,7 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
         (r"^rf:ok:\d+:\d+$", answers_pressed),
         (r"^rf:lib:\d+$", librarian_pressed),
         (r"^rf:duty:[01]$", duty_pressed),
+        (r"^rf:faqadd$", faq_add_pressed),
         (r"^rf:take:\d+$", take_pressed),
         (r"^rf:note:\d+$", note_pressed),
         (r"^rf:saved:\d+$", saved_pressed),

@@ -219,6 +219,12 @@ async def test_waiting_hand_over_records_and_forged_buttons(desk: EmbeddedBot) -
     li, chen = await watch(desk, STAFF), await watch(desk, STAFF2)
     board = texts(await li.send("/desk"))
     assert "Q1" in board and "telephone directory" in board
+    # A librarian adds an entry to the answer base in the chat: readers get it at once.
+    await li.press("➕ Add to the answer base")
+    assert "Now write the answer" in texts(await li.send("Where are the old telephone directories?"))
+    assert "Saved to the answer base (entry 23)" in texts(await li.send("On B1, in the compact stacks, shelf 12."))
+    ming = await watch(desk, ZH_READER, "zh-hans")
+    assert "compact stacks" in texts(await ming.send("/ask where can I find old telephone directories"))
     await li.press("✋ Take Q1")
     card = await latest(li, "You took question Q1")
     await chen.send("/desk")
