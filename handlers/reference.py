@@ -350,8 +350,12 @@ async def route(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     pending = str(state.pop("pending", "") or "")
     message = update.message
     text, attachment = _incoming(message)
-    if pending == "ask" and text.strip():
-        await _question(update, context, me, text.strip())
+    if pending == "ask":
+        if text.strip():
+            await _question(update, context, me, text.strip())
+        else:
+            state["pending"] = "ask"  # a photo or file alone: the question is still wanted in words
+            await reply(update, context, "reference.empty", lang=me.lang)
         return
     if pending in ("faq_question", "faq_answer") and me.is_staff:
         await _faq_step(update, context, me, pending, text)

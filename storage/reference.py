@@ -1063,7 +1063,13 @@ async def end(session: AsyncSession, conversation_id: int, by_id: int, now: dt.d
     await session.refresh(conversation)
     if not done.rowcount:  # type: ignore[attr-defined]
         return Result(Outcome.FINISHED, conversation)
-    if conversation.reader_id is not None:
+    if conversation.reader_id is not None and conversation.taken_at is None:
+        # Withdrawn before any librarian took it: nothing to rate.
+        await enqueue(
+            session, conversation.reader_id, "reference.withdrawn", {"number": conversation.id},
+            kind="reference", dedupe_key=f"reference:{conversation.id}:ended:reader",
+        )
+    elif conversation.reader_id is not None:
         transcript = await _history_text(session, conversation, labels, notes=False)
         await enqueue(
             session, conversation.reader_id, "reference.ended_to_reader",

@@ -271,11 +271,16 @@ async def test_outside_desk_hours_the_reader_is_told_when(db: Database) -> None:
     policy.service.reference_hours = []  # never staffed: the question waits, the reader is told
     env = await EmbeddedBot.start(db, policy=policy)
     try:
-        fang = await env.person(READER)
+        fang = await watch(env, READER)
         told = texts(await fang.send("/ask Where can I find old maps of Beijing?"))
         assert "closed right now" in told and "stays there" in told
         env.move_clock(dt.timedelta(minutes=30))
         await env.run_jobs()
         assert await count(env, Delivery, Delivery.text_key.like("reference.still_waiting%")) == 0  # told already
+        # Withdrawn before anybody took it: no rating asked for.
+        await fang.send("/end", expect=False)
+        assert "withdrew question Q1" in (await latest(fang, "withdrew"))["text"]
+        assert (await conversation(env, 1)).status == "closed"
+        assert await count(env, Delivery, Delivery.text_key == "reference.ended_to_reader") == 0
     finally:
         await env.stop()
