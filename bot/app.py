@@ -18,7 +18,19 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
-from handlers import account, broadcast, ill, ill_partners, incidents, loans, search, staff, stats, tickets
+from handlers import (
+    account,
+    broadcast,
+    ill,
+    ill_partners,
+    incidents,
+    loans,
+    reference,
+    search,
+    staff,
+    stats,
+    tickets,
+)
 from handlers import events as events_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
@@ -69,6 +81,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     events_handlers.register(app)  # /events, /myevents, /checkin, the staff's event form (a conversation: before the search fallback), reminder job
 
     staff.register(app)  # /overdue (staff): overdue loans by branch and days, pages, CSV
+
+    reference.register(app)  # /ask, /desk, /end, Take and the rf: buttons; before the search fallback: a message of someone in a reference conversation is relayed, not searched
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 

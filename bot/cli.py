@@ -303,6 +303,31 @@ def cmd_doctor(_args: argparse.Namespace) -> int:
     if failed:
         raise CliError(f"something is wrong: {', '.join(failed)}")
     return 0
+def cmd_faq(args: argparse.Namespace) -> int:
+    """The reference desk's answer base (#16): ``faq import PATH.csv`` and ``faq export PATH.csv``."""
+    from storage.reference import FaqError, export_faq, import_faq
+
+    async def work(db: Database, _s: Settings, _p: Policy) -> int:
+        path = Path(args.path)
+        async with db.session() as session:
+            if args.faq_command == "export":
+                text = await export_faq(session)
+                try:
+                    path.write_text(text, encoding="utf-8")
+                except OSError as exc:
+                    raise CliError(f"cannot write {path}: {exc.strerror}") from None
+                print(f"exported {text.count(chr(10)) - 1} entries to {path}")
+                return 0
+            try:
+                result = await import_faq(session, path, utcnow())
+            except FaqError as exc:
+                raise CliError(str(exc)) from None
+        for reason in result.skipped:
+            print(f"skipped {reason}")
+        print(f"added {result.added}, updated {result.updated}, unchanged {result.unchanged}, skipped {len(result.skipped)}")
+        return 0
+
+    return asyncio.run(_with_db(work))
 
 
 def _date(text: str) -> dt.date:
@@ -389,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev_cancel = events_sub.add_parser("cancel", help="cancel an event and tell every registrant")
     ev_cancel.add_argument("event_id", type=int, metavar="ID")
     events.set_defaults(func=cmd_events)
+    faq = sub.add_parser("faq", help="the reference desk's answer base")
+    faq_sub = faq.add_subparsers(dest="faq_command", required=True)
+    for verb, text in (("import", "load (re-import updates by question)"), ("export", "write")):
+        faq_sub.add_parser(verb, help=f"{text} a CSV: question_zh,question_en,answer_zh,answer_en,tags").add_argument("path", metavar="PATH.csv")
+    faq.set_defaults(func=cmd_faq)
 
     sip2 = sub.add_parser("sip2", help="the link to the library system")
     sip2_sub = sip2.add_subparsers(dest="sip2_command", required=True)

@@ -14,10 +14,10 @@ from storage.people import Role
 log = logging.getLogger(__name__)
 
 READER_COMMANDS = [
-    "search", "loans", "renew", "holds", "ill", "requests", "complain", "tickets",
+    "search", "loans", "renew", "holds", "ill", "requests", "ask", "end", "complain", "tickets",
     "report", "events", "myevents", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
 ]
-STAFF_COMMANDS = ["overdue", "illqueue", "illlending", "tickets", "stats", "checkin"]
+STAFF_COMMANDS = ["overdue", "illqueue", "illlending", "tickets", "stats", "checkin", "desk", "end"]
 DUTY_COMMANDS = ["emergency", "drill", "allclear", "incidents"]
 
 

@@ -556,6 +556,11 @@ class Dispatcher:
                     chat_id, InputFile(row.document, filename=row.document_name or "file"),
                     caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
                 )
+            elif row.photo_file_id and row.photo_file_id.startswith("doc:"):  # a relayed document (#16)
+                message = await self.sender.send_document(
+                    row.chat_id, row.photo_file_id.removeprefix("doc:"), caption=text[:1024], parse_mode=ParseMode.HTML,
+                    reply_markup=markup, **extra,
+                )
             elif row.photo_file_id:
                 message = await self.sender.send_photo(
                     chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,

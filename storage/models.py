@@ -16,6 +16,7 @@ import storage.ils_sip2
 import storage.incidents
 import storage.outbox
 import storage.people
+import storage.reference
 import storage.search
 import storage.staffchat
 import storage.state
@@ -34,6 +35,7 @@ MODULES = [
     storage.incidents,
     storage.outbox,
     storage.people,
+    storage.reference,  # the reference desk (#16)
     storage.search,
     storage.staffchat,  # the staff group's current id and availability (#14)
     storage.state,

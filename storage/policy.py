@@ -130,12 +130,23 @@ class Library(_Strict):
     ]
 
 
+class DeskHours(_Strict):
+    """When the reference desk is staffed: ISO weekdays (1 = Monday) and ``HH:MM`` times (``24:00`` allowed)."""
+
+    weekdays: list[int] = [1, 2, 3, 4, 5]
+    opens: str = Field(default="08:30", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    closes: str = Field(default="21:00", pattern=r"^(([01]\d|2[0-3]):[0-5]\d|24:00)$")
+
+
 class Service(_Strict):
     ticket_first_response_hours: float = Field(default=24, gt=0)
     ticket_autoclose_days: int = Field(default=7, ge=1)
     tickets_per_day: int = Field(default=5, ge=1)
     incident_ack_minutes: float = Field(default=5, gt=0)
     ack_minutes: float = Field(default=10, gt=0)  # staff acknowledgement of an emergency broadcast
+    # The reference desk (#16): a question nobody takes within this many minutes gets the reader told when to expect an answer.
+    reference_wait_minutes: float = Field(default=10, gt=0)
+    reference_hours: list[DeskHours] = [DeskHours(), DeskHours(weekdays=[6, 7], opens="09:00", closes="17:00")]
 
 
 class Template(_Strict):

@@ -101,6 +101,7 @@ class StatsReport:
     tickets: Any | None = None  # storage.tickets.TicketStats, when that module is installed
     events: EventStats | None = None  # events and programmes (#17)
     partners: list[PartnerFigures] = field(default_factory=list)  # per partner library, ISO 18626 (#22)
+    reference: Any | None = None  # storage.reference.ReferenceStats (#16)
 
     def period_label(self, lang: str = "en") -> str:
         """The period in words: ``2026-11-01 – 2026-11-30``, or up to today when it has no start."""
@@ -144,6 +145,8 @@ class StatsReport:
             lines += ["", *self._ticket_lines(w)]
         if self.events is not None:
             lines += ["", *self.events.lines(lang)]
+        if self.reference is not None:
+            lines += ["", *self.reference.text_lines(lang)]
         return "\n".join(lines)
 
     def _ticket_lines(self, w: dict[str, str]) -> list[str]:
@@ -209,6 +212,8 @@ class StatsReport:
             writer.writerow(["tickets", "rating", "count", getattr(tk, "ratings", 0)])
         if self.events is not None:
             writer.writerows(self.events.csv_rows())
+        if self.reference is not None:
+            writer.writerows(self.reference.csv_rows())
         return out.getvalue()
 
 
@@ -373,6 +378,9 @@ async def service_stats(
         return report
     start, end = local_bounds(since, until, tz)
     report.tickets = await ticket_stats(session, start, end, now)
+    from storage.reference import reference_stats  # the reference desk (#16)
+
+    report.reference = await reference_stats(session, start, end)
     return report
 
 
