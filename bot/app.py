@@ -19,6 +19,7 @@ from bot.settings import Settings
 from bot.ui import reply
 from handlers import account, broadcast, ill, incidents, loans, search, stats, tickets
 from handlers import events as events_handlers
+from handlers import quality as quality_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -63,6 +64,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     broadcast.register(app)  # /emergency and /drill conversation, confirm buttons, /allclear, acknowledgements, progress and reminder jobs
 
     events_handlers.register(app)  # /events, /myevents, /checkin, the staff's event form (a conversation: before the search fallback), reminder job
+
+    quality_handlers.register(app)  # surveys in the chat (written answers: before the search fallback), /survey, /myratings, /quality, survey job
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 

@@ -15,8 +15,10 @@ import storage.ils_sip2
 import storage.incidents
 import storage.outbox
 import storage.people
+import storage.quality
 import storage.search
 import storage.state
+import storage.surveys
 import storage.tickets
 from storage.db import Base, Database
 
@@ -34,6 +36,9 @@ MODULES = [
     storage.search,
     storage.state,
     storage.tickets,
+    # service quality (#18): surveys (models, forget_person, demo) and per-staff ratings (demo ratings)
+    storage.surveys,
+    storage.quality,
 ]
 
 
