@@ -19,6 +19,7 @@ from storage.db import Database, utcnow
 from storage.models import create_schema
 from storage.people import Role, add_staff, create_invite, list_staff, remove_staff
 from storage.policy import Policy, PolicyError, load_policy
+from storage.quality import remember_staff
 
 
 class CliError(Exception):
@@ -111,6 +112,7 @@ def cmd_staff(args: argparse.Namespace) -> int:
                 for m in members:
                     print(f"{m.telegram_id}\t{m.role}\t{m.name}")
             elif args.staff_command == "remove":
+                await remember_staff(session, args.telegram_id)  # the quality report keeps their name (#18)
                 if not await remove_staff(session, args.telegram_id):
                     raise CliError(f"{args.telegram_id} is not a staff member")
                 print(f"{args.telegram_id} removed from the staff")

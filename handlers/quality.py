@@ -39,7 +39,7 @@ from bot.quality_render import myratings_text, report_pdf, report_text, survey_c
 from bot.roles import requires
 from bot.ui import Button, answer, edit, escape, reply
 from storage.people import Role
-from storage.quality import month_of, monthly_report, parse_month, report_csv
+from storage.quality import month_of, monthly_report, parse_month, remember_staff, report_csv
 from storage.surveys import (
     Answered,
     Position,
@@ -346,9 +346,10 @@ async def note_use(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 async def surveys_job(context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Close the surveys past their end date and queue the reminders that are due."""
+    """Close the surveys past their end date, queue the reminders that are due, and keep the staff's names."""
     svc = services(context)
     async with svc.db.session() as session:
+        await remember_staff(session)  # names outlive a removal from the staff list
         closed = await close_ended(session, now=svc.now(), tz=svc.tz)
         reminded = await queue_reminders(session, now=svc.now(), tz=svc.tz)
     if closed or reminded:

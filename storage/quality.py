@@ -12,7 +12,8 @@ Each source is one small function returning ``Interaction`` rows for a period:
   ``first_answer_at``, ``created_at``): read with plain SQL, and skipped when the table is absent.
 
 Interactions are grouped by the staff member's Telegram id, not by the staff table, so a member
-removed with ``staff remove`` keeps their history (named from the chat users table).
+removed with ``staff remove`` keeps their history; their name is kept in ``staff_history``
+(copied before the removal, and by every report and the survey job), else taken from the chat.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import inspect, select, text
+from sqlalchemy import String, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
 
+from storage.db import Base, utcnow
 from storage.events import Event, EventFeedback
 from storage.ill import IllRequest
 from storage.people import StaffMember, User
@@ -40,6 +43,30 @@ RECOGNITION_SIZE = 3
 TREND_MONTHS = 6
 COMPLAINT_CATEGORY = "service"
 REFERENCE_TABLE = "reference_conversations"
+
+
+class StaffRecord(Base):
+    """The name a staff member had on the staff list, kept after they leave it (for the report)."""
+
+    __tablename__ = "staff_history"
+
+    telegram_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+async def remember_staff(session: AsyncSession, telegram_id: int | None = None) -> None:
+    """Copy the staff list's names (or one member's) into the history, before anyone leaves it."""
+    query = select(StaffMember)
+    if telegram_id is not None:
+        query = query.where(StaffMember.telegram_id == telegram_id)
+    for member in await session.scalars(query):
+        record = await session.get(StaffRecord, member.telegram_id)
+        if record is None:
+            session.add(StaffRecord(telegram_id=member.telegram_id, name=member.name))
+        elif member.name and record.name != member.name:
+            record.name, record.updated_at = member.name, utcnow()
+    await session.flush()
 
 
 @dataclass(frozen=True)
@@ -250,8 +277,9 @@ async def staff_names(session: AsyncSession, ids: Iterable[int]) -> dict[int, tu
     if not wanted:
         return {}
     members = {m.telegram_id: m.name for m in await session.scalars(select(StaffMember).where(StaffMember.telegram_id.in_(wanted)))}
+    history = {r.telegram_id: r.name for r in await session.scalars(select(StaffRecord).where(StaffRecord.telegram_id.in_(wanted)))}
     users = {u.telegram_id: u.first_name for u in await session.scalars(select(User).where(User.telegram_id.in_(wanted)))}
-    return {i: (members.get(i) or users.get(i) or f"#{i}", i not in members) for i in wanted}
+    return {i: (members.get(i) or history.get(i) or users.get(i) or f"#{i}", i not in members) for i in wanted}
 
 
 async def monthly_report(session: AsyncSession, month: tuple[int, int], tz: ZoneInfo, *, months: int = TREND_MONTHS) -> QualityReport:

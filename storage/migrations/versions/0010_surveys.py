@@ -1,5 +1,6 @@
 """Service quality (#18): satisfaction surveys (invitation flags per person; anonymous responses and
-answers keyed by a random token) and the last day each person used the bot.
+answers keyed by a random token), the last day each person used the bot, and the names of staff
+members kept for the quality report after they leave the staff list.
 
 Revision ID: 0010
 Revises: 0008
@@ -71,9 +72,16 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('user_activity', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_user_activity_last_seen_on'), ['last_seen_on'], unique=False)
+    op.create_table('staff_history',
+    sa.Column('telegram_id', BIG, autoincrement=False, nullable=False),
+    sa.Column('name', sa.String(length=256), nullable=False),
+    sa.Column('updated_at', storage.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('telegram_id')
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('staff_history')
     op.drop_table('user_activity')
     op.drop_table('survey_answers')
     op.drop_table('survey_responses')
