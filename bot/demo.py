@@ -23,6 +23,7 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 STAFF_ID = 9001
 DUTY_OFFICER_ID = 9002
 VISITOR_ID = 7000
+ADMIN_ID = 9003  # made by storage.quality.seed_demo: reads the service-quality report (#18)
 
 
 @dataclass
@@ -95,6 +96,8 @@ def personas(cards: list[DemoCard]) -> list[dict[str, object]]:
          "description_zh": "处理工单、馆际互借与逾期", "description_en": "works tickets, ILL and overdues"},
         {"user_id": DUTY_OFFICER_ID, "first_name": "Zhao Lei", "language_code": "zh", "label_zh": "值班人员 赵磊", "label_en": "Duty officer: Zhao Lei",
          "description_zh": "发布应急通知与演练", "description_en": "sends emergency notices and drills"},
+        {"user_id": ADMIN_ID, "first_name": "Sun Wei", "language_code": "zh", "label_zh": "管理员 孙伟", "label_en": "Admin: Sun Wei",
+         "description_zh": "查看服务质量报告（/quality）", "description_en": "reads the service-quality report (/quality)"},
         {"user_id": STAFF_ID, "chat_id": STAFF_CHAT_ID, "chat_type": "group", "first_name": "Li Na", "language_code": "zh",
          "label_zh": "馆员群（告警）", "label_en": "Staff group (alerts)",
          "description_zh": "接收逾期、工单、事件告警的馆员群", "description_en": "the group that receives staff alerts"},

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from storage.db import Base, utcnow
 from storage.events import Event, EventFeedback
 from storage.ill import IllRequest
-from storage.people import StaffMember, User
+from storage.people import Role, StaffMember, User, add_staff
 from storage.tickets import Ticket
 
 RECOGNITION_MIN_RATINGS = 5
@@ -43,6 +43,7 @@ RECOGNITION_SIZE = 3
 TREND_MONTHS = 6
 COMPLAINT_CATEGORY = "service"
 REFERENCE_TABLE = "reference_conversations"
+DEMO_ADMIN_ID = 9003  # the demo's admin persona (bot/demo.py)
 
 
 class StaffRecord(Base):
@@ -342,14 +343,15 @@ async def seed_demo(session: AsyncSession, policy: Any, now: dt.datetime, rng: r
     and ratings of an event that took place, so /quality and /myratings show something real."""
     from storage.events import EventRegistration, RegStatus
 
-    colleagues = {9001: "Li Na (staff)", 9101: "Wang Fang", 9102: "Chen Jie"}
+    colleagues = {9001: "Li Na (staff)", 9101: "Wang Fang", 9102: "Chen Jie", DEMO_ADMIN_ID: "Sun Wei (admin)"}
     for telegram_id, name in colleagues.items():
         if await session.get(User, telegram_id) is None:
             session.add(User(telegram_id=telegram_id, first_name=name.split(" (")[0], telegram_language="zh"))
     await session.flush()
-    for telegram_id in (9101, 9102):  # colleagues who handled tickets this month (Chen Jie has since left)
-        if telegram_id == 9101 and await session.get(StaffMember, telegram_id) is None:
-            session.add(StaffMember(telegram_id=telegram_id, role="staff", name=colleagues[telegram_id]))
+    # Colleagues who handled tickets (Chen Jie has since left the staff), and the admin who reads the report.
+    for telegram_id, role in ((9101, Role.STAFF), (DEMO_ADMIN_ID, Role.ADMIN)):
+        if await session.get(StaffMember, telegram_id) is None:
+            await add_staff(session, telegram_id, role, colleagues[telegram_id])
     categories = ("service", "environment", "facilities", "collection", "digital", "suggestion")
     weights = {9001: (4, 5, 5, 5, 3), 9101: (3, 4, 4, 5, 5), 9102: (2, 3, 4, 4, 5)}
     tz = ZoneInfo("Asia/Shanghai")

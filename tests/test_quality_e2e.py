@@ -257,3 +257,25 @@ async def test_myratings_shows_only_my_own_figures_and_quality_is_for_admins(bot
     await staff.send("/myratings")
     await staff.press_data(staff.bot_messages()[-1]["message_id"], f"q:pdf:{month}", expect=False)
     assert "only for" in (staff.last_callback_answer or {}).get("text", "")
+
+
+async def test_the_demo_has_a_survey_to_take_and_ratings_to_read(bot_env: EmbeddedBot) -> None:
+    from bot.demo import ADMIN_ID, STAFF_ID
+    from tests.auxil.people import seed_library
+
+    await seed_library(bot_env.db, bot_env.policy)
+    relax_flood_control(bot_env)
+    reader, staff, admin = [await watch(bot_env, i) for i in (8001, STAFF_ID, ADMIN_ID)]
+    # The invitation went out in Chinese (the demo's readers'); the people here then write in English.
+    def invitation(m: dict[str, Any]) -> bool:
+        return "读者满意度调查" in (m["plain"] or "")
+
+    if not any(invitation(m) for m in reader.bot_messages()):  # it may have arrived before we looked
+        await reader.wait_for(invitation, timeout=30)
+    assert "1/7" in texts(await reader.press("▶️ 开始答题"))
+    mine = texts(await staff.send("/myratings"))
+    assert "Average rating:" in mine and "team median" in mine and "Wang Fang" not in mine and "Chen Jie" not in mine
+    report = texts(await admin.send("/quality"))
+    assert "Li Na" in report and "Wang Fang" in report and "Chen Jie (former staff)" in report and "Recognition" in report
+    results = texts(await staff.send("/survey demo-satisfaction"))
+    assert "answered 43" in results and "NPS" in results and "adequacy" in results
