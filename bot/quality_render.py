@@ -136,7 +136,7 @@ def survey_chart_png(results: SurveyResults, lang: str) -> bytes | None:
             for part in ("minimum", "desired", "perceived"):
                 estimate = getattr(q.gap, part)
                 if estimate.n:
-                    bars.append((f"{q.index + 1}. {text}: {part} (1–9)", estimate))
+                    bars.append((f"{q.index + 1}. {text}: {t(lang, 'quality.gap_label_' + part)} (1–9)", estimate))
     if not bars:
         return None
     with matplotlib.rc_context(_style(font)):
@@ -237,8 +237,6 @@ def report_pdf(report: QualityReport) -> bytes:
         page = Figure(figsize=(8.27, 11.69))
         FigureCanvasPdf(page)
         page.text(0.5, 0.965, both("quality.report_title", month=report.label), ha="center", fontsize=15, weight="bold")
-        axes = page.add_axes((0.06, 0.42, 0.88, 0.5))
-        axes.axis("off")
         header = [col(f"quality.col_{name}") for name in ("name", "interactions", "average", "ratings", "first", "complaints")]
         rows = [[f.name + (" †" if f.former else ""), str(f.interactions), number("en", f.average), str(f.ratings),
                  str(round(f.first_response.total_seconds() / 60)) if f.first_response else "—", str(f.complaints)]
@@ -247,15 +245,16 @@ def report_pdf(report: QualityReport) -> bytes:
         rows.append(["Σ", str(team.interactions), number("en", team.average),
                      str(team.ratings), str(round(team.first_response.total_seconds() / 60)) if team.first_response else "—",
                      str(team.complaints)])
-        table = axes.table(cellText=rows, colLabels=header, loc="upper center", cellLoc="center")
+        height = min(0.8, 0.03 * (len(rows) + 2))  # the table as tall as its rows, the rest follows under it
+        axes = page.add_axes((0.06, 0.92 - height, 0.88, height))
+        axes.axis("off")
+        table = axes.table(cellText=rows, colLabels=header, bbox=(0, 0, 1, 1), cellLoc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(9)
-        table.scale(1, 2.2)
         for (r, _c), cell in table.get_celld().items():
             if r == 0:
-                cell.set_height(cell.get_height() * 1.6)
                 cell.set_facecolor("#DDE6F3")
-        y = 0.38
+        y = 0.92 - height - 0.04
         if any(f.former for f in report.staff):
             page.text(0.06, y, "† " + " / ".join(plain(t(lang, "quality.former")).strip(" ()（）") for lang in langs), fontsize=9)
             y -= 0.03
@@ -267,6 +266,13 @@ def report_pdf(report: QualityReport) -> bytes:
             y -= 0.025
         if not report.recognition:
             page.text(0.08, y, plain(both("quality.report_recognition_none", minimum=RECOGNITION_MIN_RATINGS)).replace("🏅 ", ""), fontsize=10)
+            y -= 0.025
+        y -= 0.02
+        page.text(0.06, y, plain(both("quality.report_trend_head")), fontsize=11, weight="bold")
+        for m, f in report.trend:
+            y -= 0.025
+            page.text(0.08, y, plain(t("en", "quality.report_trend_line", month=label(m), interactions=f.interactions,
+                                         average=number("en", f.average), ratings=f.ratings)), fontsize=10)
         pdf.savefig(page)
 
         # Page 2: the charts.
