@@ -221,6 +221,7 @@ def report_pdf(report: QualityReport) -> bytes:
     import matplotlib
     from matplotlib.backends.backend_pdf import FigureCanvasPdf, PdfPages
     from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox
 
     font = cjk_font()
     langs = ("zh", "en") if font else ("en",)
@@ -248,7 +249,7 @@ def report_pdf(report: QualityReport) -> bytes:
         height = min(0.8, 0.03 * (len(rows) + 2))  # the table as tall as its rows, the rest follows under it
         axes = page.add_axes((0.06, 0.92 - height, 0.88, height))
         axes.axis("off")
-        table = axes.table(cellText=rows, colLabels=header, bbox=(0, 0, 1, 1), cellLoc="center")
+        table = axes.table(cellText=rows, colLabels=header, bbox=Bbox.from_bounds(0, 0, 1, 1), cellLoc="center")
         table.auto_set_font_size(False)
         table.set_fontsize(9)
         for (r, _c), cell in table.get_celld().items():
