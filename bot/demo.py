@@ -16,6 +16,7 @@ from storage.db import Database, utcnow
 from storage.models import MODULES, create_schema
 from storage.people import Role, User, add_staff
 from storage.policy import Policy
+from storage.surveys import invite_demo_readers
 
 log = logging.getLogger(__name__)
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -118,6 +119,8 @@ async def run_demo(host: str, port: int, data_dir: Path) -> None:
     if not marker.exists():
         print("preparing the demo library (first run only)…", flush=True)
         made = await seed(db, policy)
+        async with db.session() as session:  # the sample readers are invited to the sample survey (#18)
+            await invite_demo_readers(session, [c.telegram_id for c in made.cards if c.telegram_id], utcnow())
         marker.write_text("\n".join(f"{c.card_number}\t{c.pin}\t{c.name}\t{c.telegram_id or ''}\t{c.note}\t{c.note_zh}" for c in made.cards), encoding="utf-8")
     cards = [DemoCard(*_fields(line)) for line in marker.read_text(encoding="utf-8").splitlines() if line.strip()]
     env = await EmbeddedBot.start(db, policy=policy, host=host, port=port)

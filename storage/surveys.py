@@ -744,14 +744,27 @@ async def seed_demo(session: AsyncSession, policy: Any, now: dt.datetime, rng: r
         session.add(SurveyResponse(token=token, survey_id=survey.id, started_on=today, finished=True))
         await session.flush()
         session.add(SurveyAnswer(token=token, question=4, part="", value=None, text=text, answered_on=today))
-    # Invitation flags as the sending would have left them (43 people answered out of 60 invited):
-    # demo people with ids nobody uses in the chat, then the sample readers, invited but not yet answered.
+    # Invitation flags as the sending would have left them (43 people answered out of 60 invited), for
+    # demo people with ids nobody uses in the chat; the sample readers are invited by the demo's first run.
     for number in range(60):
         session.add(SurveyInvitation(survey_id=survey.id, telegram_id=-(100000 + number), invited_on=today, finished=number < 43,
                                      started=number < 43))
+
+
+async def invite_demo_readers(session: AsyncSession, reader_ids: Iterable[int], now: dt.datetime) -> int:
+    """``librarybot demo`` on its first run: the sample readers are invited to the sample survey
+    (kept out of ``seed_demo``, so the tests that seed the demo library get no unasked messages)."""
+    survey = await find_survey(session, "demo-satisfaction")
+    if survey is None:
+        return 0
+    invited = 0
     for telegram_id in reader_ids:
-        session.add(SurveyInvitation(survey_id=survey.id, telegram_id=telegram_id, invited_on=today))
+        if await session.get(SurveyInvitation, (survey.id, telegram_id)) is not None:
+            continue
+        session.add(SurveyInvitation(survey_id=survey.id, telegram_id=telegram_id, invited_on=now.date()))
         await enqueue(session, telegram_id, "quality.survey_invite",
                       {"title": survey.title(), "intro": survey.intro(), "closes": survey.closes_on.isoformat(),
                        "count": len(survey.questions)}, kind="survey", priority=Priority.BULK,
                       buttons=[[["quality.btn_start", f"sv:s:{survey.id}"]]], dedupe_key=f"sv:{survey.id}:inv:{telegram_id}")
+        invited += 1
+    return invited

@@ -261,9 +261,12 @@ async def test_myratings_shows_only_my_own_figures_and_quality_is_for_admins(bot
 
 async def test_the_demo_has_a_survey_to_take_and_ratings_to_read(bot_env: EmbeddedBot) -> None:
     from bot.demo import ADMIN_ID, STAFF_ID
+    from storage.surveys import invite_demo_readers
     from tests.auxil.people import seed_library
 
     await seed_library(bot_env.db, bot_env.policy)
+    async with bot_env.db.session() as s:  # as `librarybot demo` does on its first run
+        assert await invite_demo_readers(s, [8001, 8002], bot_env.now()) == 2
     relax_flood_control(bot_env)
     reader, staff, admin = [await watch(bot_env, i) for i in (8001, STAFF_ID, ADMIN_ID)]
     # The invitation went out in Chinese (the demo's readers'); the people here then write in English.
