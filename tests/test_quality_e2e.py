@@ -147,6 +147,11 @@ async def test_a_survey_in_the_chat_is_anonymous_for_real(bot_env: EmbeddedBot, 
     # Nobody answers twice: Start again is refused; an answer pressed after the end is refused.
     await fang.press("▶️ Start the survey", expect=False)
     assert "already answered" in (fang.last_callback_answer or {}).get("text", "")
+    last = fang.bot_messages()[-1]["message_id"]
+    await fang.press_data(last, f"sv:a:{fang_token}:0:1", expect=False)  # Fang's own token, after the end
+    assert "already answered" in (fang.last_callback_answer or {}).get("text", "")
+    await fang.press_data(last, f"sv:a:{'0' * 24}:0:1", expect=False)  # a forged token
+    assert "no longer valid" in (fang.last_callback_answer or {}).get("text", "")
 
     async with bot_env.db.session() as s:
         results = await survey_results(s, survey)
