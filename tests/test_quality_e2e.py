@@ -138,6 +138,14 @@ async def test_a_survey_in_the_chat_is_anonymous_for_real(bot_env: EmbeddedBot, 
     assert len(tokens) == 1
     fang_token = tokens.pop()
 
+    # Three days later the job reminds Ming (not Fang, who finished), once.
+    bot_env.move_clock(dt.timedelta(days=3, hours=1))
+    await bot_env.run_jobs()
+    await ming.wait_for(lambda m: "A reminder" in (m["plain"] or ""))
+    await bot_env.run_jobs()
+    assert sum("A reminder" in (m["plain"] or "") for m in ming.bot_messages()) == 1
+    assert not any("A reminder" in (m["plain"] or "") for m in fang.bot_messages())
+
     # Ming answers the first question and skips the rest (the written one too).
     await ming.press("▶️ Start the survey")
     await ming.press("2")
