@@ -32,6 +32,7 @@ from handlers import (
     tickets,
 )
 from handlers import events as events_handlers
+from handlers import quality as quality_handlers
 from storage.db import Database
 from storage.ils import make_circulation_service
 from storage.people import Role, list_staff
@@ -83,6 +84,8 @@ def register_handlers(app: Application) -> None:  # type: ignore[type-arg]
     staff.register(app)  # /overdue (staff): overdue loans by branch and days, pages, CSV
 
     reference.register(app)  # /ask, /desk, /end, Take and the rf: buttons; before the search fallback: a message of someone in a reference conversation is relayed, not searched
+
+    quality_handlers.register(app)  # surveys in the chat (written answers: before the search fallback), /survey, /myratings, /quality, survey job
 
     search.register_fallback(app)  # plain text outside any conversation is a catalog search
 

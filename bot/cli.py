@@ -19,6 +19,7 @@ from storage.db import Database, utcnow
 from storage.models import create_schema
 from storage.people import Role, add_staff, create_invite, list_staff, remove_staff
 from storage.policy import Policy, PolicyError, load_policy
+from storage.quality import remember_staff
 
 
 class CliError(Exception):
@@ -118,6 +119,7 @@ def cmd_staff(args: argparse.Namespace) -> int:
                 for m in members:
                     print(f"{m.telegram_id}\t{m.role}\t{m.name}")
             elif args.staff_command == "remove":
+                await remember_staff(session, args.telegram_id)  # the quality report keeps their name (#18)
                 if not await remove_staff(session, args.telegram_id):
                     raise CliError(f"{args.telegram_id} is not a staff member")
                 print(f"{args.telegram_id} removed from the staff")
@@ -261,6 +263,84 @@ def cmd_events(args: argparse.Namespace) -> int:
         for event in rows:
             seats = f"{event.seats_taken}/{event.capacity or '-'}"
             print(f"{event.id}\t{events.local_time(event.starts_at, settings.tz)}\t{event.status}\t{seats}\t{event.category}\t{event.title_zh} / {event.title_en}")
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_survey(args: argparse.Namespace) -> int:
+    """``survey import PATH.toml`` / ``survey send SURVEY_ID …`` / ``survey results SURVEY_ID …`` (#18)."""
+
+    async def work(db: Database, settings: Settings, _p: Policy) -> int:
+        from bot.quality_render import plain, survey_chart_png, survey_results_text
+        from storage import surveys
+
+        if args.survey_command == "import":
+            path = Path(args.path)
+            if not path.is_file():
+                raise CliError(f"no such file: {path}")
+            async with db.session() as session:
+                try:
+                    imported = await surveys.import_survey(session, path)
+                except surveys.SurveyFileError as exc:
+                    raise CliError(f"{path}: {exc}") from None
+                print(f"survey {imported.id} ({imported.code}): {len(imported.questions)} questions, open until {imported.closes_on}")
+            return 0
+        async with db.session() as session:
+            survey = await surveys.find_survey(session, args.survey_id)
+            if survey is None:
+                raise CliError(f"no survey {args.survey_id}")
+            if args.survey_command == "send":
+                if args.sample is not None and args.sample < 1 or args.active_days is not None and args.active_days < 0:
+                    raise CliError("--sample must be at least 1 and --active-days at least 0")
+                sent = await surveys.send_survey(session, survey, now=utcnow(), tz=settings.tz, audience=args.audience,
+                                                 sample=args.sample, active_days=args.active_days)
+                if sent.closed:
+                    raise CliError(f"survey {survey.id} is closed")
+                print(f"survey {survey.id}: {sent.invited} invited of {sent.eligible} not yet invited; "
+                      "the running bot sends the invitations, one a second")
+                return 0
+            results = await surveys.survey_results(session, survey)
+        if args.format == "csv":
+            sys.stdout.write(surveys.results_csv(results))
+        elif args.format == "png":
+            png = survey_chart_png(results, settings.language)
+            if png is None:
+                raise CliError(f"survey {survey.id} has no scored answers to chart yet")
+            out = Path(args.out or f"survey-{survey.id}.png")
+            out.write_bytes(png)
+            print(f"chart written to {out}")
+        else:
+            print(plain(survey_results_text(results, settings.language, with_answers=True)))
+        return 0
+
+    return asyncio.run(_with_db(work))
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    """``quality report [--month YYYY-MM] [--format text|csv|pdf] [--out PATH]`` (#18)."""
+
+    async def work(db: Database, settings: Settings, _p: Policy) -> int:
+        from bot.quality_render import plain, report_pdf, report_text
+        from storage import quality
+
+        try:
+            month = quality.parse_month(args.month) if args.month else quality.month_of(utcnow(), settings.tz)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        async with db.session() as session:
+            report = await quality.monthly_report(session, month, settings.tz)
+        if args.format == "pdf":
+            out = Path(args.out or f"quality-{report.label}.pdf")
+            out.write_bytes(report_pdf(report))
+            print(f"report written to {out}")
+            return 0
+        text = quality.report_csv(report) if args.format == "csv" else plain(report_text(report, settings.language)) + "\n"
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+            print(f"report written to {args.out}")
+        else:
+            sys.stdout.write(text)
         return 0
 
     return asyncio.run(_with_db(work))
@@ -419,6 +499,29 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in (("import", "load (re-import updates by question)"), ("export", "write")):
         faq_sub.add_parser(verb, help=f"{text} a CSV: question_zh,question_en,answer_zh,answer_en,tags").add_argument("path", metavar="PATH.csv")
     faq.set_defaults(func=cmd_faq)
+
+    survey = sub.add_parser("survey", help="satisfaction surveys (anonymous)")
+    survey_sub = survey.add_subparsers(dest="survey_command", required=True)
+    sv_import = survey_sub.add_parser("import", help="a survey as TOML (questions likert, nps, choice, text, gap)")
+    sv_import.add_argument("path", metavar="PATH.toml")
+    sv_send = survey_sub.add_parser("send", help="invite a random sample, or everyone, through the outbox")
+    sv_send.add_argument("survey_id", metavar="SURVEY_ID")
+    sv_send.add_argument("--audience", choices=["readers", "everyone"], default="readers")
+    sv_send.add_argument("--sample", type=int, metavar="N")
+    sv_send.add_argument("--active-days", type=int, metavar="D", dest="active_days")
+    sv_results = survey_sub.add_parser("results", help="response rate, means with 95% CIs, NPS, gap scores")
+    sv_results.add_argument("survey_id", metavar="SURVEY_ID")
+    sv_results.add_argument("--format", choices=["text", "csv", "png"], default="text")
+    sv_results.add_argument("--out", metavar="PATH", help="where the PNG goes (default survey-ID.png)")
+    survey.set_defaults(func=cmd_survey)
+
+    quality = sub.add_parser("quality", help="service quality per staff member")
+    quality_sub = quality.add_subparsers(dest="quality_command", required=True)
+    q_report = quality_sub.add_parser("report", help="the monthly report: per staff member, the team, recognition")
+    q_report.add_argument("--month", metavar="YYYY-MM")
+    q_report.add_argument("--format", choices=["text", "csv", "pdf"], default="text")
+    q_report.add_argument("--out", metavar="PATH")
+    quality.set_defaults(func=cmd_quality)
 
     sip2 = sub.add_parser("sip2", help="the link to the library system")
     sip2_sub = sip2.add_subparsers(dest="sip2_command", required=True)

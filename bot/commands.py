@@ -17,8 +17,9 @@ READER_COMMANDS = [
     "search", "loans", "renew", "holds", "ill", "requests", "ask", "end", "complain", "tickets",
     "report", "events", "myevents", "hours", "settings", "language", "login", "logout", "privacy", "forgetme", "help", "cancel",
 ]
-STAFF_COMMANDS = ["overdue", "illqueue", "illlending", "tickets", "stats", "checkin", "desk", "end"]
+STAFF_COMMANDS = ["overdue", "illqueue", "illlending", "tickets", "stats", "checkin", "desk", "end", "survey", "myratings"]
 DUTY_COMMANDS = ["emergency", "drill", "allclear", "incidents"]
+ADMIN_COMMANDS = ["quality"]  # service quality (#18)
 
 
 def commands_for(role: Role) -> list[str]:
@@ -28,6 +29,8 @@ def commands_for(role: Role) -> list[str]:
         names = [c for c in STAFF_COMMANDS] + [c for c in names if c not in STAFF_COMMANDS]
     if role >= Role.DUTY_OFFICER:
         names = DUTY_COMMANDS + names
+    if role >= Role.ADMIN:
+        names = ADMIN_COMMANDS + names
     return names
 
 

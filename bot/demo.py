@@ -16,6 +16,7 @@ from storage.db import Database, utcnow
 from storage.models import MODULES, create_schema
 from storage.people import Role, User, add_staff
 from storage.policy import Policy
+from storage.surveys import invite_demo_readers
 
 log = logging.getLogger(__name__)
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -23,6 +24,7 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 STAFF_ID = 9001
 DUTY_OFFICER_ID = 9002
 VISITOR_ID = 7000
+ADMIN_ID = 9003  # made by storage.quality.seed_demo: reads the service-quality report (#18)
 
 
 @dataclass
@@ -95,6 +97,8 @@ def personas(cards: list[DemoCard]) -> list[dict[str, object]]:
          "description_zh": "处理工单、馆际互借与逾期", "description_en": "works tickets, ILL and overdues"},
         {"user_id": DUTY_OFFICER_ID, "first_name": "Zhao Lei", "language_code": "zh", "label_zh": "值班人员 赵磊", "label_en": "Duty officer: Zhao Lei",
          "description_zh": "发布应急通知与演练", "description_en": "sends emergency notices and drills"},
+        {"user_id": ADMIN_ID, "first_name": "Sun Wei", "language_code": "zh", "label_zh": "管理员 孙伟", "label_en": "Admin: Sun Wei",
+         "description_zh": "查看服务质量报告（/quality）", "description_en": "reads the service-quality report (/quality)"},
         {"user_id": STAFF_ID, "chat_id": STAFF_CHAT_ID, "chat_type": "group", "first_name": "Li Na", "language_code": "zh",
          "label_zh": "馆员群（告警）", "label_en": "Staff group (alerts)",
          "description_zh": "接收逾期、工单、事件告警的馆员群", "description_en": "the group that receives staff alerts"},
@@ -115,6 +119,8 @@ async def run_demo(host: str, port: int, data_dir: Path) -> None:
     if not marker.exists():
         print("preparing the demo library (first run only)…", flush=True)
         made = await seed(db, policy)
+        async with db.session() as session:  # the sample readers are invited to the sample survey (#18)
+            await invite_demo_readers(session, [c.telegram_id for c in made.cards if c.telegram_id], utcnow())
         marker.write_text("\n".join(f"{c.card_number}\t{c.pin}\t{c.name}\t{c.telegram_id or ''}\t{c.note}\t{c.note_zh}" for c in made.cards), encoding="utf-8")
     cards = [DemoCard(*_fields(line)) for line in marker.read_text(encoding="utf-8").splitlines() if line.strip()]
     env = await EmbeddedBot.start(db, policy=policy, host=host, port=port)

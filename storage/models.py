@@ -16,10 +16,12 @@ import storage.ils_sip2
 import storage.incidents
 import storage.outbox
 import storage.people
+import storage.quality
 import storage.reference
 import storage.search
 import storage.staffchat
 import storage.state
+import storage.surveys
 import storage.tickets
 from storage.db import Base, Database
 
@@ -40,6 +42,9 @@ MODULES = [
     storage.staffchat,  # the staff group's current id and availability (#14)
     storage.state,
     storage.tickets,
+    # service quality (#18): surveys (models, forget_person, demo) and per-staff ratings (demo ratings)
+    storage.surveys,
+    storage.quality,
 ]
 
 
