@@ -27,6 +27,7 @@ twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import datetime as dt
@@ -70,8 +71,8 @@ GROUP_CHAT_INTERVAL = 3.0  # 20 per minute
 MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
 MIN_RATE = 1.0  # the rate never drops below this after 429s
 WINDOW = 1.0  # Telegram counts a bot's messages in any rolling second
-JITTER = 0.08  # margin against network jitter: ``rate`` grants in any 1.08 s
-TIMER_SLACK = 0.1  # seconds of tokens a late timer may leave for the next grants
+JITTER = 0.02  # a small margin for clocks that differ: ``rate`` messages in any 1.02 s
+TIMER_SLACK = 0.02  # seconds of tokens a late timer may leave for the next grants (no catch-up burst)
 CUT = 0.9  # after a 429 for the whole bot the rate is cut to this share
 CLIMB = 0.05  # then climbs back by this share of the configured rate per second (2 s from 0.9)
 PRIVATE_LOOKBACK = 2.0  # a private chat sent to this recently may have met its own limit
@@ -95,9 +96,12 @@ class SendBudget:
 
     Waiters with the lowest priority number are served first, in arrival order within a priority.
     Telegram counts a bot's messages in any rolling second, so nothing is saved up in quiet moments:
-    grants are paced evenly, and at most ``rate`` of them fall in any ``WINDOW + JITTER`` seconds
-    (the margin keeps network jitter between here and Telegram from squeezing one message too many
-    into one of its seconds; at 30/s the budget hands out 27.8 a second).
+    grants are paced evenly (a late timer may catch up only ``TIMER_SLACK`` seconds' worth, so a
+    busy event loop never releases a burst), and at most ``rate`` messages are counted in any
+    ``WINDOW + JITTER`` seconds. A message is counted from its grant until Telegram has answered,
+    then from the answer (:meth:`landed`): it reached Telegram somewhere in between, so messages
+    held up on the way (a busy event loop, a slow connection) cannot crowd one of Telegram's
+    seconds with one too many.
 
     After a 429 for the whole bot (:meth:`too_many`), pushes pause for ``retry_after``, the rate is
     cut by ``CUT`` and then climbs back by ``CLIMB`` of the configured rate per second without
@@ -117,7 +121,7 @@ class SendBudget:
         self.window: collections.deque[float] = collections.deque()  # when the latest grants were made
         self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may get a push again
         self.chat_sent: dict[int, collections.deque[float]] = {}  # chat id -> when it was last sent to
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._heap: list[tuple[int, int, asyncio.Future[float]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -159,22 +163,37 @@ class SendBudget:
     def _paused(self, priority: int, now: float) -> bool:
         return priority > REPLY_PRIORITY and now < self.paused_until
 
-    async def take(self, priority: int) -> None:
-        """Wait for a token; lower ``priority`` numbers are served first."""
+    async def take(self, priority: int) -> float:
+        """Wait for a token; lower ``priority`` numbers are served first. Returns when it was granted
+        (pass it to :meth:`landed` once Telegram has answered)."""
         now = time.monotonic()
         self._refill(now)
         if not self._heap and self.tokens >= 1 and not self._paused(priority, now) and self._window_wait(now) == 0:
             self._grant(now)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return now
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (priority, next(self._seq), future))
         self._serve()
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._ungrant()  # granted but not used
             raise
+
+    def landed(self, granted_at: float) -> None:
+        """Telegram answered the message granted at ``granted_at``: count it in the rolling window
+        from now on instead. It reached Telegram somewhere in between, so a message that spent long
+        on the way (a busy event loop, a slow connection) cannot make a later second hold one too
+        many."""
+        window = self.window
+        for i in range(len(window) - 1, -1, -1):
+            if window[i] == granted_at:
+                del window[i]
+                bisect.insort(window, time.monotonic())
+                return
+            if window[i] < granted_at:
+                return
 
     def _ungrant(self) -> None:
         self.tokens = min(self.capacity, self.tokens + 1)
@@ -274,7 +293,7 @@ class SendBudget:
                 break
             heapq.heappop(self._heap)
             self._grant(now)
-            future.set_result(None)
+            future.set_result(now)
         else:
             return
         self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0005), self._serve)
@@ -312,9 +331,9 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
         if (endpoint not in SEND_ENDPOINTS and endpoint not in EDIT_ENDPOINTS) or (rate_limit_args or {}).get("outbox"):
             return await callback(*args, **kwargs)  # answers to buttons, chat actions, or a push already paced
-        await self.budget.take(REPLY_PRIORITY)
         self.budget.note_chat(data.get("chat_id"))
         for attempt in range(REPLY_RETRIES + 1):
+            granted = await self.budget.take(REPLY_PRIORITY)  # a retry is a message again
             try:
                 return await callback(*args, **kwargs)
             except RetryAfter as exc:
@@ -326,6 +345,8 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
                 # longer, so the answer goes first.
                 self.budget.too_many(data.get("chat_id"), wait + 0.25)
                 await asyncio.sleep(wait)
+            finally:
+                self.budget.landed(granted)
         raise AssertionError("unreachable")
 
 
@@ -585,7 +606,7 @@ class Dispatcher:
                 return
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self.budget.take(row.priority)
+            granted = await self.budget.take(row.priority)
             self.budget.note_sent(row.chat_id)
         except asyncio.CancelledError:
             self._finish(row, Outcome(row.id, DeliveryState.QUEUED, refund=True))
@@ -600,6 +621,8 @@ class Dispatcher:
         except Exception as exc:  # a bug in rendering, say: keep the row, try again later
             log.exception("delivery %s could not be sent", row.id)
             outcome = self._retry(row, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.budget.landed(granted)
         self._finish(row, outcome)
 
     def _reserve_chat(self, chat_id: int) -> float | None:
