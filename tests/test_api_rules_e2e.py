@@ -4,8 +4,6 @@ a button answered too late. Each through the production ``Application`` over HTT
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import time
 
 import tests.test_broadcast_e2e as emergency
@@ -62,6 +60,5 @@ async def test_a_press_answered_too_late_is_not_an_error_for_the_person(bot_env:
     bot_env.emulator._methods["answercallbackquery"] = slow_answer  # type: ignore[assignment]
     label = shown[-1]["buttons"][0][0]["text"]
     changed = await reader.press(label, timeout=15)
-    assert changed and not any("error" in (m["plain"] or "").lower() for m in changed)
-    await asyncio.sleep(0)
-    assert dt.timedelta(seconds=bot_env.emulator.clock.offset) >= dt.timedelta(seconds=16)
+    assert bot_env.emulator.callback_answers(503) == []  # Telegram refused the late answer
+    assert changed[-1]["edited"] and "Saved: reminders" in changed[-1]["plain"]  # the choice was still saved and shown
