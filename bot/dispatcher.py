@@ -72,7 +72,7 @@ MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
 MIN_RATE = 1.0  # the rate never drops below this after 429s
 WINDOW = 1.0  # Telegram counts a bot's messages in any rolling second
 JITTER = 0.02  # a small margin for clocks that differ: ``rate`` messages in any 1.02 s
-TIMER_SLACK = 0.02  # seconds of tokens a late timer may leave for the next grants (no catch-up burst)
+TIMER_SLACK = 0.25  # seconds of tokens a late timer or a busy event loop may leave for the next grants
 CUT = 0.9  # after a 429 for the whole bot the rate is cut to this share
 CLIMB = 0.05  # then climbs back by this share of the configured rate per second (2 s from 0.9)
 PRIVATE_LOOKBACK = 2.0  # a private chat sent to this recently may have met its own limit
@@ -96,12 +96,12 @@ class SendBudget:
 
     Waiters with the lowest priority number are served first, in arrival order within a priority.
     Telegram counts a bot's messages in any rolling second, so nothing is saved up in quiet moments:
-    grants are paced evenly (a late timer may catch up only ``TIMER_SLACK`` seconds' worth, so a
-    busy event loop never releases a burst), and at most ``rate`` messages are counted in any
-    ``WINDOW + JITTER`` seconds. A message is counted from its grant until Telegram has answered,
-    then from the answer (:meth:`landed`): it reached Telegram somewhere in between, so messages
-    held up on the way (a busy event loop, a slow connection) cannot crowd one of Telegram's
-    seconds with one too many.
+    grants are paced evenly (a late timer or a busy event loop may catch up ``TIMER_SLACK``
+    seconds' worth), and at most ``rate`` messages are counted in any ``WINDOW + JITTER`` seconds,
+    whatever was saved up. A message is counted from its grant until Telegram has answered, then
+    from the answer (:meth:`landed`): it reached Telegram somewhere in between, so messages held up
+    on the way (a busy event loop, a slow connection) cannot crowd one of Telegram's seconds with
+    one too many.
 
     After a 429 for the whole bot (:meth:`too_many`), pushes pause for ``retry_after``, the rate is
     cut by ``CUT`` and then climbs back by ``CLIMB`` of the configured rate per second without
@@ -118,7 +118,7 @@ class SendBudget:
         self.paused_until = 0.0
         self.slowed_at = float("-inf")  # when Telegram last refused a message for the whole bot (429)
         self.granted = 0
-        self.window: collections.deque[float] = collections.deque()  # when the latest grants were made
+        self.window: list[float] = []  # sorted: when each recent message was granted, or answered
         self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may get a push again
         self.chat_sent: dict[int, collections.deque[float]] = {}  # chat id -> when it was last sent to
         self._heap: list[tuple[int, int, asyncio.Future[float]]] = []
@@ -126,8 +126,8 @@ class SendBudget:
         self._timer: asyncio.TimerHandle | None = None
 
     def _capacity(self) -> float:
-        # One token, plus what a late timer or a busy event loop left unused for the next grants
-        # (TIMER_SLACK seconds' worth): the rolling window above still caps any second.
+        # One token, plus what a late timer or a busy event loop left unused (TIMER_SLACK seconds'
+        # worth): a CPU-bound paid broadcast keeps its rate, and the rolling window caps any second.
         return 1.0 + self._pace() * TIMER_SLACK
 
     def _pace(self) -> float:
@@ -148,8 +148,9 @@ class SendBudget:
     def _window_wait(self, now: float) -> float:
         """Seconds until one more grant fits in the rolling window (0 if it does now)."""
         span = WINDOW + JITTER
-        while self.window and self.window[0] <= now - span:
-            self.window.popleft()
+        gone = bisect.bisect_right(self.window, now - span)
+        if gone:
+            del self.window[:gone]
         limit = self._window_limit()
         if len(self.window) < limit:
             return 0.0
@@ -187,13 +188,10 @@ class SendBudget:
         on the way (a busy event loop, a slow connection) cannot make a later second hold one too
         many."""
         window = self.window
-        for i in range(len(window) - 1, -1, -1):
-            if window[i] == granted_at:
-                del window[i]
-                bisect.insort(window, time.monotonic())
-                return
-            if window[i] < granted_at:
-                return
+        i = bisect.bisect_left(window, granted_at)
+        if i < len(window) and window[i] == granted_at:  # not yet out of the window, nor refunded
+            del window[i]
+            bisect.insort(window, time.monotonic())
 
     def _ungrant(self) -> None:
         self.tokens = min(self.capacity, self.tokens + 1)

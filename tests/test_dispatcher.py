@@ -364,7 +364,8 @@ async def test_budget_saves_no_burst_that_overruns_a_rolling_second() -> None:
         times.append(time.monotonic())
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert busiest <= 40  # never more than the rate in any rolling second, even right after quiet
-    assert sum(1 for t in times if t < times[0] + 0.25) <= 1 + 40 * 0.1 + 40 * 0.25  # paced, no burst
+    # Paced: the quiet spell saved up at most a quarter second's worth (a busy loop's slack).
+    assert sum(1 for t in times if t < times[0] + 0.25) <= 1 + 40 * 0.25 + 40 * 0.25
 
 
 async def test_a_429_for_one_chat_slows_only_that_chat() -> None:
