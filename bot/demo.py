@@ -125,6 +125,8 @@ async def run_demo(host: str, port: int, data_dir: Path) -> None:
     cards = [DemoCard(*_fields(line)) for line in marker.read_text(encoding="utf-8").splitlines() if line.strip()]
     env = await EmbeddedBot.start(db, policy=policy, host=host, port=port)
     env.emulator.personas = personas(cards)
+    # The sample people have pressed Start (Telegram lets a bot write only to them).
+    env.emulator.started(*(int(str(p["user_id"])) for p in env.emulator.personas))
     print(f"\nlibrarybot demo is running: open http://{host}:{env.emulator.port}/ in a browser", flush=True)
     print("sample library cards (card number / PIN) for /login:")
     for card in cards:

@@ -3,16 +3,18 @@ within Telegram's limits, and records each outcome.
 
 Limits are kept here, not learnt from Telegram's refusals:
 
-* ``LIBRARYBOT_BROADCAST_RATE`` messages per second overall. One :class:`SendBudget` (a token bucket
-  that serves waiters by priority) is shared by the outbox and by the bot's direct answers to
-  people chatting with it (through :class:`BudgetRateLimiter`, the application's rate limiter):
-  answers take the next token before any push, an emergency before notices, so a broadcast at the
-  full rate neither stalls the answers nor makes them meet 429s.
+* ``LIBRARYBOT_BROADCAST_RATE`` messages per second overall, counted as Telegram counts them: in
+  any rolling second, edits included. One :class:`SendBudget` (evenly paced grants, no burst
+  credit, served by priority) is shared by the outbox and by the bot's direct answers and edits
+  (through :class:`BudgetRateLimiter`, the application's rate limiter): answers take the next
+  token before any push, an emergency before notices, so a broadcast at the full rate neither
+  stalls the answers nor makes them meet 429s.
 * about one message per second per private chat and 20 per minute per group: a row whose chat must
   wait more than a moment goes back to the queue with a ``not_before`` instead of holding a slot.
 
-On 429 the row goes back to the queue with Telegram's ``retry_after`` and pushes pause for that
-long, answers do not. A 403 (blocked, deactivated) or "chat not found" marks the recipient
+On 429 the row goes back to the queue with Telegram's ``retry_after``. When the chat had just been
+sent to, it met its own limit and only that chat waits; otherwise pushes pause for that long
+(answers do not), go on a little slower and climb back to the full rate within seconds. A 403 (blocked, deactivated) or "chat not found" marks the recipient
 unreachable for good; network errors and timeouts retry with exponential backoff.
 
 Crash safety: rows are leased to this process (``claimed_by``) and the lease is renewed while it
@@ -25,11 +27,14 @@ twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import collections
 import contextlib
 import datetime as dt
 import heapq
 import itertools
 import logging
+import math
 import os
 import random
 import socket
@@ -74,96 +79,197 @@ PRIVATE_CHAT_INTERVAL = 1.0
 GROUP_CHAT_INTERVAL = 3.0  # 20 per minute
 MAX_CHAT_WAIT = 1.5  # a row whose chat must wait longer goes back to the queue
 MIN_RATE = 1.0  # the rate never drops below this after 429s
-RECOVERY_AFTER = 10.0
+WINDOW = 1.0  # Telegram counts a bot's messages in any rolling second
+JITTER = 0.02  # a small margin for clocks that differ: ``rate`` messages in any 1.02 s
+TIMER_SLACK = 0.25  # seconds of tokens a late timer or a busy event loop may leave for the next grants
+CUT = 0.9  # after a 429 for the whole bot the rate is cut to this share
+CLIMB = 0.05  # then climbs back by this share of the configured rate per second (2 s from 0.9)
+PRIVATE_LOOKBACK = 2.0  # a private chat sent to this recently may have met its own limit
+GROUP_LOOKBACK = 60.0
+GROUP_BUSY = 10  # a group sent this many messages in a minute may have met its own limit
 REPLY_RETRIES = 3
 MAX_REQUESTS = 16
-MAX_BURST = 100
 SEND_ENDPOINTS = frozenset(
     "sendMessage sendPhoto sendDocument sendVideo sendAudio sendVoice sendAnimation sendSticker "
     "sendMediaGroup sendLocation sendVenue sendContact sendPoll sendDice sendVideoNote sendInvoice "
     "sendPaidMedia copyMessage copyMessages forwardMessage forwardMessages".split()
 )
+# Telegram counts edits against the same limits as new messages.
+EDIT_ENDPOINTS = frozenset(
+    "editMessageText editMessageCaption editMessageMedia editMessageReplyMarkup editMessageLiveLocation".split()
+)
 
 
 class SendBudget:
-    """Telegram's overall sending budget: ``rate`` tokens per second, granted by priority.
+    """Telegram's overall sending budget: ``rate`` messages per second, granted by priority.
 
     Waiters with the lowest priority number are served first, in arrival order within a priority.
-    At most ``burst`` seconds' worth of tokens are saved up (half a second, and at most
-    ``MAX_BURST``: Telegram's own bucket then absorbs network jitter and a broadcast starting
-    after a quiet spell does not open with a flood).
+    Telegram counts a bot's messages in any rolling second, so nothing is saved up in quiet moments:
+    grants are paced evenly (a late timer or a busy event loop may catch up ``TIMER_SLACK``
+    seconds' worth), and at most ``rate`` messages are counted in any ``WINDOW + JITTER`` seconds,
+    whatever was saved up. A message is counted from its grant until Telegram has answered, then
+    from the answer (:meth:`landed`): it reached Telegram somewhere in between, so messages held up
+    on the way (a busy event loop, a slow connection) cannot crowd one of Telegram's seconds with
+    one too many.
+
+    After a 429 for the whole bot (:meth:`too_many`), pushes pause for ``retry_after``, the rate is
+    cut by ``CUT`` and then climbs back by ``CLIMB`` of the configured rate per second without
+    429s, so it is at the configured rate again a few seconds later. A 429 for one chat only
+    delays that chat.
     """
 
-    def __init__(self, rate: float, burst: float = 0.5) -> None:
+    def __init__(self, rate: float, burst: float = 0.0) -> None:
         self.configured = self.rate = float(rate)
-        self.burst = burst
+        self.burst = burst  # kept for callers; the budget saves up no credit beyond timer slack
         self.capacity = self._capacity()
         self.tokens = 1.0
         self.stamp = time.monotonic()
         self.paused_until = 0.0
-        self.slowed_at = float("-inf")  # when Telegram last refused a message (429)
+        self.slowed_at = float("-inf")  # when Telegram last refused a message for the whole bot (429)
         self.granted = 0
+        self.window: list[float] = []  # sorted: when each recent message was granted, or answered
         self.chat_ready: dict[int, float] = {}  # chat id -> monotonic time it may get a push again
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self.chat_sent: dict[int, collections.deque[float]] = {}  # chat id -> when it was last sent to
+        self._heap: list[tuple[int, int, asyncio.Future[float]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
 
     def _capacity(self) -> float:
-        # At most ``burst`` seconds' worth, and never more than MAX_BURST messages at once.
-        return max(1.0, min(self.rate * self.burst, MAX_BURST))
+        # One token, plus what a late timer or a busy event loop left unused (TIMER_SLACK seconds'
+        # worth): a CPU-bound paid broadcast keeps its rate, and the rolling window caps any second.
+        return 1.0 + self._pace() * TIMER_SLACK
+
+    def _pace(self) -> float:
+        return self.rate * WINDOW / (WINDOW + JITTER)
+
+    def _window_limit(self) -> int:
+        return max(1, math.floor(self.rate * WINDOW))
 
     def _refill(self, now: float) -> None:
-        if self.rate < self.configured and now - self.slowed_at > RECOVERY_AFTER:
-            # No 429 for a while: creep back up to the configured rate (about a minute from half).
-            self.rate = min(self.configured, self.rate + (now - self.stamp) * self.configured / 120)
+        if self.rate < self.configured and now > self.paused_until:
+            # Additive increase: no 429 since the pause ended, so creep back to the configured rate.
+            since = max(self.stamp, self.paused_until)
+            self.rate = min(self.configured, self.rate + (now - since) * self.configured * CLIMB)
             self.capacity = self._capacity()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self._pace())
         self.stamp = now
+
+    def _window_wait(self, now: float) -> float:
+        """Seconds until one more grant fits in the rolling window (0 if it does now)."""
+        span = WINDOW + JITTER
+        gone = bisect.bisect_right(self.window, now - span)
+        if gone:
+            del self.window[:gone]
+        limit = self._window_limit()
+        if len(self.window) < limit:
+            return 0.0
+        return self.window[len(self.window) - limit] + span - now
+
+    def _grant(self, now: float) -> None:
+        self.tokens -= 1
+        self.granted += 1
+        self.window.append(now)
 
     def _paused(self, priority: int, now: float) -> bool:
         return priority > REPLY_PRIORITY and now < self.paused_until
 
-    async def take(self, priority: int) -> None:
-        """Wait for a token; lower ``priority`` numbers are served first."""
+    async def take(self, priority: int) -> float:
+        """Wait for a token; lower ``priority`` numbers are served first. Returns when it was granted
+        (pass it to :meth:`landed` once Telegram has answered)."""
         now = time.monotonic()
         self._refill(now)
-        if not self._heap and self.tokens >= 1 and not self._paused(priority, now):
-            self.tokens -= 1
-            self.granted += 1
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._heap and self.tokens >= 1 and not self._paused(priority, now) and self._window_wait(now) == 0:
+            self._grant(now)
+            return now
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (priority, next(self._seq), future))
         self._serve()
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self.tokens += 1  # granted but not used
-                self.granted -= 1
+                self._ungrant()  # granted but not used
             raise
 
+    def landed(self, granted_at: float) -> None:
+        """Telegram answered the message granted at ``granted_at``: count it in the rolling window
+        from now on instead. It reached Telegram somewhere in between, so a message that spent long
+        on the way (a busy event loop, a slow connection) cannot make a later second hold one too
+        many."""
+        window = self.window
+        i = bisect.bisect_left(window, granted_at)
+        if i < len(window) and window[i] == granted_at:  # not yet out of the window, nor refunded
+            del window[i]
+            bisect.insort(window, time.monotonic())
+
+    def _ungrant(self) -> None:
+        self.tokens = min(self.capacity, self.tokens + 1)
+        self.granted -= 1
+        if self.window:
+            self.window.pop()
+
     def pause(self, seconds: float) -> None:
-        """Telegram refused a message (429): hold every push (not the answers) for ``seconds``, then
-        go on without a burst and slower, since its limit is lower than the configured rate."""
+        """Telegram refused a message for the whole bot (429): hold every push (not the answers) for
+        ``seconds``, then go on a little slower, climbing back to the configured rate."""
         now = time.monotonic()
         self._refill(now)
         self.paused_until = max(self.paused_until, now + seconds)
         self.tokens = min(self.tokens, 0.0)
         if now - self.slowed_at > seconds:  # one cut per refusal window, however many were in flight
-            self.rate = max(MIN_RATE, self.rate * 0.7)
+            self.rate = max(MIN_RATE, self.rate * CUT)
             self.capacity = self._capacity()
-            log.warning("sending rate lowered to %.1f messages/s", self.rate)
+            log.warning(
+                "Telegram refused a message (429): pushes wait %.1f s, then %.1f messages/s, back to %.1f within %.0f s",
+                seconds, self.rate, self.configured, (1 - CUT) / CLIMB,
+            )
         self.slowed_at = now
         self._serve()
 
+    def too_many(self, chat_id: Any, seconds: float) -> bool:
+        """Telegram answered 429 to a message for ``chat_id``; True when the whole bot was over its
+        limit (pushes pause, see :meth:`pause`), False when that chat alone was (only it waits).
+
+        Telegram does not say which limit was hit. A chat that was just sent to has used up its own
+        allowance (about one a second per private chat, 20 a minute per group); otherwise it was the
+        bot's overall limit.
+        """
+        now = time.monotonic()
+        try:
+            chat = int(chat_id)
+        except (TypeError, ValueError):
+            chat = 0
+        self.chat_ready[chat] = max(self.chat_ready.get(chat, 0.0), now + seconds)
+        if chat and self._chat_busy(chat, now):
+            log.info("a chat met its own flood limit (429); only it waits %.0f s", seconds)
+            return False
+        self.pause(seconds)
+        return True
+
+    def _chat_busy(self, chat: int, now: float) -> bool:
+        sent = self.chat_sent.get(chat)
+        if not sent:
+            return False
+        recent = [at for at in sent if at > now - GROUP_LOOKBACK]
+        if chat > 0:  # the refused message is the last one recorded; another shortly before it?
+            return sum(1 for at in recent if at > now - PRIVATE_LOOKBACK) >= 2
+        return len(recent) >= GROUP_BUSY or sum(1 for at in recent if at > now - GROUP_CHAT_INTERVAL) >= 2
+
+    def note_sent(self, chat_id: Any) -> None:
+        """A message is going to ``chat_id`` now (remembered to tell a chat's 429 from the bot's)."""
+        with contextlib.suppress(TypeError, ValueError):
+            chat = int(chat_id)
+            now = time.monotonic()
+            sent = self.chat_sent.setdefault(chat, collections.deque(maxlen=GROUP_BUSY + 1))
+            sent.append(now)
+
     def refund(self) -> None:
         """Give back a token whose message Telegram refused without sending it (blocked, bad chat)."""
-        self.tokens = min(self.capacity, self.tokens + 1)
-        self.granted -= 1
+        self._ungrant()
         self._serve()
 
     def note_chat(self, chat_id: Any) -> None:
         """An answer was just sent to ``chat_id``: keep the next push to it a moment later."""
+        self.note_sent(chat_id)
         with contextlib.suppress(TypeError, ValueError):
             chat = int(chat_id)
             now = time.monotonic()
@@ -186,12 +292,15 @@ class SendBudget:
                 delay = self.paused_until - now
                 break
             if self.tokens < 1:
-                delay = (1 - self.tokens) / self.rate
+                delay = (1 - self.tokens) / self._pace()
+                break
+            full = self._window_wait(now)
+            if full > 0:
+                delay = full
                 break
             heapq.heappop(self._heap)
-            self.tokens -= 1
-            self.granted += 1
-            future.set_result(None)
+            self._grant(now)
+            future.set_result(now)
         else:
             return
         self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0005), self._serve)
@@ -201,6 +310,8 @@ class SendBudget:
         now = time.monotonic()
         if len(self.chat_ready) > 1000:
             self.chat_ready = {c: r for c, r in self.chat_ready.items() if r > now}
+        if len(self.chat_sent) > 1000:
+            self.chat_sent = {c: s for c, s in self.chat_sent.items() if s and s[-1] > now - GROUP_LOOKBACK}
 
 
 class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
@@ -225,11 +336,11 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
         data: dict[str, Any],
         rate_limit_args: dict[str, Any] | None,
     ) -> bool | dict[str, Any] | list[dict[str, Any]]:
-        if endpoint not in SEND_ENDPOINTS or (rate_limit_args or {}).get("outbox"):
-            return await callback(*args, **kwargs)  # edits, answers to buttons, or a push already paced
-        await self.budget.take(REPLY_PRIORITY)
+        if (endpoint not in SEND_ENDPOINTS and endpoint not in EDIT_ENDPOINTS) or (rate_limit_args or {}).get("outbox"):
+            return await callback(*args, **kwargs)  # answers to buttons, chat actions, or a push already paced
         self.budget.note_chat(data.get("chat_id"))
         for attempt in range(REPLY_RETRIES + 1):
+            granted = await self.budget.take(REPLY_PRIORITY)  # a retry is a message again
             try:
                 return await callback(*args, **kwargs)
             except RetryAfter as exc:
@@ -237,8 +348,12 @@ class BudgetRateLimiter(BaseRateLimiter[dict[str, Any]]):
                 if wait > 10 or attempt == REPLY_RETRIES:
                     raise
                 log.warning("an answer met a 429; retrying after %.0f s", wait)
-                self.budget.pause(wait + 0.25)  # pushes wait a little longer, so the answer goes first
+                # Pushes (to this chat, or all of them when the bot's limit was hit) wait a little
+                # longer, so the answer goes first.
+                self.budget.too_many(data.get("chat_id"), wait + 0.25)
                 await asyncio.sleep(wait)
+            finally:
+                self.budget.landed(granted)
         raise AssertionError("unreachable")
 
 
@@ -499,7 +614,8 @@ class Dispatcher:
                 return
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self.budget.take(row.priority)
+            granted = await self.budget.take(row.priority)
+            self.budget.note_sent(row.chat_id)
         except asyncio.CancelledError:
             self._finish(row, Outcome(row.id, DeliveryState.QUEUED, refund=True))
             raise
@@ -513,6 +629,8 @@ class Dispatcher:
         except Exception as exc:  # a bug in rendering, say: keep the row, try again later
             log.exception("delivery %s could not be sent", row.id)
             outcome = self._retry(row, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.budget.landed(granted)
         self._finish(row, outcome)
 
     def _reserve_chat(self, chat_id: int) -> float | None:
@@ -574,9 +692,8 @@ class Dispatcher:
         except RetryAfter as exc:
             wait = _retry_after(exc)
             self.too_many_requests += 1
-            self.budget.pause(wait)
-            self.budget.chat_ready[row.chat_id] = max(self.budget.chat_ready.get(row.chat_id, 0.0), time.monotonic() + wait)
-            log.warning("Telegram asked to slow down for %.0f s; pushes wait, answers do not", wait)
+            if self.budget.too_many(row.chat_id, wait):
+                log.warning("Telegram asked to slow down for %.0f s; pushes wait, answers do not", wait)
             return Outcome(row.id, DeliveryState.QUEUED, "429", retry_at=self.clock() + dt.timedelta(seconds=wait), refund=True)
         except ChatMigrated as exc:
             self.budget.refund()

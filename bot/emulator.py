@@ -13,9 +13,10 @@ User side: ``/_emu/...`` (JSON), wrapped for Python by :class:`Person`.
 
 Choices worth knowing:
 
-* Flood control counts sending methods only (``sendMessage``, ``sendPhoto``, ``sendDocument``,
-  ``sendSticker``, ``sendMediaGroup`` (one token per album), ``copyMessage``, ``forwardMessage``);
-  edits and chat actions are never limited. ``stats.sends`` has one entry per message sent.
+* Flood control (:mod:`bot.emulator_rules`) counts sends in rolling windows as Telegram does:
+  ``sendMessage``, ``sendPhoto``, ``sendDocument``, ``sendSticker``, ``sendMediaGroup`` (one per
+  album), ``copyMessage``, ``forwardMessage`` and the edits; chat actions are never limited.
+  ``stats.sends`` has one entry per message sent (edits not included).
 * ``getUpdates`` confirms (forgets) an update only once it has been handed out and a later call
   passes a higher ``offset``. A raw update injected twice with the same ``update_id`` is therefore
   delivered twice, which is what duplicate-delivery tests need.
@@ -34,7 +35,6 @@ import html
 import itertools
 import json
 import logging
-import math
 import mimetypes
 import re
 import time
@@ -52,6 +52,16 @@ import aiohttp
 from aiohttp import web
 
 from bot.emulator_groups import GroupChanges, GroupControls
+from bot.emulator_rules import (
+    EmulatorClock,
+    FloodControl,
+    Refusal,
+    check_answer_in_time,
+    check_call,
+    check_deletable,
+    check_started,
+    unescaped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +161,8 @@ def parse_html(source: str) -> tuple[str, list[JSON]]:
         stop = min(x for x in (lt, amp, n) if x >= 0)
         if stop > i:
             chunk = source[i:stop]
+            if ">" in chunk:  # bot.emulator_rules: a bare ">" must be escaped too
+                raise unescaped(">", _byte_offset(source, i + chunk.index(">")))
             out.append(chunk)
             pos += utf16_len(chunk)
             i = stop
@@ -158,7 +170,7 @@ def parse_html(source: str) -> tuple[str, list[JSON]]:
         if source[i] == "&":
             ref = _CHAR_REF_RE.match(source, i)
             if ref is None:
-                char, i = "&", i + 1  # Telegram keeps a lone ampersand as text
+                raise unescaped("&", _byte_offset(source, i))
             else:
                 name = ref.group(1)
                 if name.startswith(("#x", "#X")):
@@ -339,92 +351,6 @@ class Params:
             return int(value)
         except (TypeError, ValueError):
             raise _bad("chat not found") from None  # "@channelusername" chats do not exist here
-
-
-# --------------------------------------------------------------------------------------------
-# Flood control
-
-
-class _Bucket:
-    """A token bucket; one token per message."""
-
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, capacity)
-        self.tokens = self.capacity
-        self.stamp = now
-
-    def wait(self, now: float) -> float:
-        """Seconds until a token is available (0 if one is)."""
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        # The 5 % grace absorbs network jitter between a client that paces itself exactly at the
-        # limit and this server; over any long window the rate stays capped at ``rate``.
-        missing = 0.95 - self.tokens
-        return missing / self.rate if missing > 0 else 0.0
-
-
-class FloodControl:
-    """Telegram-like limits: overall msgs/s, per private chat msgs/s with a burst, per group msgs/min."""
-
-    def __init__(
-        self,
-        global_rate: float | None = None,
-        per_chat_rate: float | None = None,
-        per_chat_burst: int = 5,
-        group_per_minute: int | None = None,
-    ) -> None:
-        self.configure(global_rate, per_chat_rate, per_chat_burst, group_per_minute)
-
-    def configure(
-        self,
-        global_rate: float | None,
-        per_chat_rate: float | None,
-        per_chat_burst: int = 5,
-        group_per_minute: int | None = None,
-    ) -> None:
-        """Set the limits (``None`` = unlimited) and start with full buckets."""
-        now = time.monotonic()
-        self.global_rate = global_rate or None
-        self.per_chat_rate = per_chat_rate or None
-        self.per_chat_burst = max(1, per_chat_burst)
-        self.group_per_minute = group_per_minute or None
-        self._global = _Bucket(global_rate, global_rate, now) if global_rate else None
-        self._chats: dict[int, _Bucket] = {}
-
-    def limits(self) -> JSON:
-        return {
-            "global_rate": self.global_rate,
-            "per_chat_rate": self.per_chat_rate,
-            "per_chat_burst": self.per_chat_burst,
-            "group_per_minute": self.group_per_minute,
-        }
-
-    def admit(self, chat_id: int, now: float) -> int | None:
-        """Take a token from every bucket that applies, or return the ``retry_after`` seconds."""
-        buckets: list[_Bucket] = []
-        if self._global is not None:
-            buckets.append(self._global)
-        if chat_id < 0 and self.group_per_minute:
-            bucket = self._chats.get(chat_id)
-            if bucket is None:
-                bucket = self._chats[chat_id] = _Bucket(
-                    self.group_per_minute / 60, self.group_per_minute, now
-                )
-            buckets.append(bucket)
-        elif chat_id >= 0 and self.per_chat_rate:
-            bucket = self._chats.get(chat_id)
-            if bucket is None:
-                bucket = self._chats[chat_id] = _Bucket(self.per_chat_rate, self.per_chat_burst, now)
-            buckets.append(bucket)
-        wait = max((b.wait(now) for b in buckets), default=0.0)
-        if wait > 0:
-            return max(1, math.ceil(wait))
-        for b in buckets:
-            b.tokens -= 1
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,6 +574,8 @@ class Emulator(GroupControls):
         self.personas: list[JSON] = []
         self.stats = EmulatorStats()
         self.flood = FloodControl(global_rate, per_chat_rate, per_chat_burst, group_per_minute)
+        self.clock = EmulatorClock()  # bot.emulator_rules: what depends on time, moved by tests
+        self._started: set[int] = set()  # people who pressed Start (wrote to the bot) in private
         #: Seconds between webhook delivery retries (doubling up to ``webhook_retry_max``).
         self.webhook_retry_delay = 0.2
         self.webhook_retry_max = 2.0
@@ -942,6 +870,8 @@ class Emulator(GroupControls):
         """A user sends a message; returns ``{"message", "update_id", "seq"}``."""
         user = self._remember_user(user_id, first_name, last_name, username, language_code)
         chat = self._chat(chat_id if chat_id is not None else user_id, chat_type, chat_title)
+        if chat.id == user_id:
+            self._started.add(user_id)  # writing to the bot is pressing Start
         # A blocked user who writes has pressed "Restart": Telegram unblocks the bot.
         if chat.id == user_id and user_id in self._blocked:
             self.block(user_id, False)
@@ -949,7 +879,7 @@ class Emulator(GroupControls):
             "message_id": chat.next_message_id,
             "from": user,
             "chat": chat.api(),
-            "date": int(time.time()),
+            "date": int(self.clock.time()),
         }
         if text is not None and text != "":
             api["text"] = text
@@ -1009,6 +939,7 @@ class Emulator(GroupControls):
             "chat_id": chat.id,
             "message_id": message_id,
             "answered": False,
+            "at": self.clock.monotonic(),
         }
         update_id = self._new_update_id()
         self._emit_update(
@@ -1043,6 +974,25 @@ class Emulator(GroupControls):
         update_id = self._new_update_id()
         self._emit_update({"update_id": update_id, "edited_message": api})
         return {"message": msg.view(), "update_id": update_id, "seq": len(self._events)}
+
+    # -- Bot API rules (bot.emulator_rules): who pressed Start, what users delete ----------------
+
+    def started(self, *user_ids: int) -> None:
+        """These people pressed Start some time ago (set-up for people made in the database): the
+        bot may write to them. Anybody else who never wrote to the bot gets it a 403."""
+        self._started.update(user_ids)
+
+    def has_started(self, user_id: int) -> bool:
+        return user_id in self._started
+
+    def user_delete(self, user_id: int, message_id: int, *, chat_id: int | None = None) -> None:
+        """A user deletes a message from the chat (for both sides; the bot is not told)."""
+        chat = self._chats.get(chat_id if chat_id is not None else user_id)
+        msg = chat.messages.get(message_id) if chat else None
+        if chat is None or msg is None or msg.deleted:
+            raise _bad("message to delete not found")
+        msg.deleted = True
+        self._event(chat, "delete", message=msg.view())
 
     # -- internals: chats, messages, events ----------------------------------------------------
 
@@ -1311,9 +1261,12 @@ class Emulator(GroupControls):
             self.stats.forbidden += 1
             reason = "bot was blocked by the user" if chat.id > 0 else "bot was kicked from the group chat"
             raise ApiError(403, f"Forbidden: {reason}")
+        if chat.type == "private" and chat.id not in self._started:
+            self.stats.forbidden += 1
+            check_started(chat.type, chat.id, self._started)
         if method is None:
             return
-        retry = self.flood.admit(chat.id, time.monotonic())
+        retry = self.flood.admit(chat.id, self.clock.monotonic())
         if retry is not None:
             self.stats.too_many_requests += 1
             raise ApiError(429, f"Too Many Requests: retry after {retry}", {"retry_after": retry})
@@ -1375,7 +1328,7 @@ class Emulator(GroupControls):
             "message_id": chat.next_message_id,
             "from": self.bot_user,
             "chat": chat.api(),
-            "date": int(time.time()),
+            "date": int(self.clock.time()),
         }
         reply = params.get_json("reply_parameters")
         reply_id = (
@@ -1401,7 +1354,7 @@ class Emulator(GroupControls):
             raise _bad("message to edit not found")
         if not msg.from_bot:
             raise _bad("message can't be edited")
-        self._admit(chat, None)
+        self._admit(chat, "edit")  # edits count against the flood limits, as in Telegram
         return chat, msg
 
     def _edited(self, chat: ChatState, msg: StoredMessage, api: JSON, markup: JSON | None, **kw: Any) -> JSON:
@@ -1438,10 +1391,13 @@ class Emulator(GroupControls):
             return self._injected_error(status).response()
         try:
             params = await self._read_params(request)
+            check_call(name, params.raw)
             self._group_refusal(name, params)
             result = await handler(params)
         except ApiError as exc:
             return exc.response()
+        except Refusal as exc:  # bot.emulator_rules: what the Bot API refuses
+            return ApiError(exc.status, exc.description).response()
         return web.json_response({"ok": True, "result": result}, dumps=_dumps)
 
     def _injected_error(self, status: int) -> ApiError:
@@ -1790,6 +1746,7 @@ class Emulator(GroupControls):
         msg = chat.messages.get(message_id) if chat else None
         if chat is None or msg is None or msg.deleted:
             raise _bad("message to delete not found")
+        check_deletable(float(msg.api.get("date", 0)), self.clock.time())
         msg.deleted = True
         self._event(chat, "delete", message=msg.view())
 
@@ -1798,6 +1755,7 @@ class Emulator(GroupControls):
         query = self._callbacks.get(query_id)
         if query is None or query["answered"]:
             raise _bad("query is too old and response timeout expired or query ID is invalid")
+        check_answer_in_time(query["at"], self.clock.monotonic())
         query["answered"] = True
         answer = {
             "callback_query_id": query_id,

@@ -393,16 +393,30 @@ async def progress_job(context: ContextTypes.DEFAULT_TYPE) -> None:
             continue
         lang = language_for(chosen, telegram, svc.default_language)
         elapsed = ((stats.last_sent_at or now) - confirmed) if finished else None
+        text = progress_text(lang, broadcast, stats, elapsed)
         try:
             await context.bot.edit_message_text(
-                progress_text(lang, broadcast, stats, elapsed), broadcast.progress_chat_id, broadcast.progress_message_id,
-                parse_mode=ParseMode.HTML,
+                text, broadcast.progress_chat_id, broadcast.progress_message_id, parse_mode=ParseMode.HTML,
             )
         except BadRequest as exc:
-            if "not modified" not in exc.message.lower():
+            if "message to edit not found" in exc.message.lower():
+                await _repost_progress(context, broadcast, text)
+            elif "not modified" not in exc.message.lower():
                 log.info("could not update the progress of broadcast %s: %s", broadcast.id, exc.message)
         except TelegramError as exc:
             log.info("could not update the progress of broadcast %s: %s", broadcast.id, exc)
+
+
+async def _repost_progress(context: ContextTypes.DEFAULT_TYPE, broadcast: Broadcast, text: str) -> None:
+    """The duty officer deleted the progress message: post it again and keep the new one up to date."""
+    assert broadcast.progress_chat_id is not None
+    try:
+        message = await context.bot.send_message(broadcast.progress_chat_id, text, parse_mode=ParseMode.HTML)
+    except TelegramError as exc:
+        log.info("could not post the progress of broadcast %s again: %s", broadcast.id, exc)
+        return
+    async with services(context).db.session() as session:
+        await set_progress_message(session, broadcast.id, message.chat_id, message.message_id)
 
 
 @requires(Role.DUTY_OFFICER)

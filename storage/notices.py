@@ -13,8 +13,12 @@ Run each morning at ``policy.notices.time`` by the bot's job queue and by ``libr
    - holds waiting on the hold shelf; a hold alone triggers a digest when its pick-up deadline is
      within ``hold_expiry_warning_days`` (the reader was told the moment the copy arrived);
 3. queues one digest for the staff chat: overdue loans per level (1–6, 7–13, 14+ days by default),
-   the loans overdue at least ``staff_alert_days`` days, and a CSV of every overdue loan (nothing
-   when no loan is overdue).
+   the loans overdue at least ``staff_alert_days`` days, how many readers with loans the bot cannot
+   reach, and a CSV of every overdue loan (nothing when no loan is overdue).
+
+Telegram lets a bot write only to people who pressed Start and did not block it; a 403 marks the
+user unreachable (``User.unreachable``, cleared when they write again), and from then on the cycle
+skips them instead of queuing digests that would only be refused.
 
 Every message carries a dedupe key (``digest:<day>:<reader>:<chat>``, ``staff-digest:<day>``) that the
 outbox keeps unique, so a second run the same day, a restart in the middle, or two bot processes
@@ -89,6 +93,8 @@ class CycleReport:
     overdue_notices: int = 0
     overdue_total: int = 0
     staff_digest: str = "no staff chat configured"
+    skipped_unreachable: int = 0  # digests not queued: the reader never pressed Start or blocked the bot
+    readers_unreachable: int = 0  # readers with loans whom the bot cannot reach (told in the staff digest)
     holds_expired: int = 0
     loans_purged: int = 0
     seconds: float = 0.0
@@ -100,6 +106,8 @@ class CycleReport:
             f"  reader digests queued: {self.digests_queued} (already queued earlier: {self.digests_already_sent})",
             f"  loans due soon reminded: {self.due_soon}; overdue notices: {self.overdue_notices}; overdue loans in all: {self.overdue_total}",
             f"  staff digest: {self.staff_digest}",
+            f"  readers the bot cannot reach (never pressed Start, or blocked it): {self.readers_unreachable} with loans;"
+            f" digests not sent to them: {self.skipped_unreachable}",
             f"  holds expired: {self.holds_expired}; returned loans erased from history: {self.loans_purged}",
             f"  took {self.seconds:.1f} s",
         ]
@@ -162,10 +170,11 @@ async def run_notice_cycle(
     async with db.session() as s:
         users = (
             await s.execute(
-                select(User.telegram_id, User.reader_id, User.reminder_days).where(User.reader_id.is_not(None))
+                select(User.telegram_id, User.reader_id, User.reminder_days, User.unreachable)
+                .where(User.reader_id.is_not(None))
             )
         ).all()
-        ahead = max([0, *policy.notices.due_soon_days, *(r for _, _, r in users)])
+        ahead = max([0, *policy.notices.due_soon_days, *(r for _, _, r, _ in users)])
         horizon = circ.end_of_day(day + dt.timedelta(days=ahead), tz)
         source = _loan_sources.get(db)
         loans: Sequence[Any] = [] if source is not None else (
@@ -192,8 +201,16 @@ async def run_notice_cycle(
         already = set(
             await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.like(f"digest:{day.isoformat()}:%")))
         )
+        borrowers: set[int] = set() if source is not None else set(
+            await s.scalars(select(Loan.reader_id).where(Loan.returned_at.is_(None)).distinct())
+        )
     if source is not None:  # outside the session: the library's system may take a while
-        loans = await source(sorted({r for _, r, _ in users if r is not None}), horizon)
+        loans = await source(sorted({r for _, r, _, _ in users if r is not None}), horizon)
+        borrowers = {row[0] for row in loans}
+    # Telegram lets a bot write only to people who pressed Start and did not block it (403
+    # otherwise, which marks the user unreachable): those are skipped, and staff are told how many.
+    reachable = {reader for _, reader, _, gone in users if not gone}
+    report.readers_unreachable = len(borrowers - reachable)
 
     levels = set(policy.notices.overdue_levels)
     per_reader: dict[int, _ReaderNotices] = defaultdict(_ReaderNotices)
@@ -222,9 +239,12 @@ async def run_notice_cycle(
 
     pending: list[tuple[int, str, dict[str, Any]]] = []
     notified: set[int] = set()
-    for chat_id, card_id, reminder_days in users:
+    for chat_id, card_id, reminder_days, gone in users:
         notices = per_reader.get(card_id) if card_id is not None else None
         if notices is None or card_id is None:
+            continue
+        if gone:
+            report.skipped_unreachable += 1
             continue
         ahead_days = circ.due_soon_days_for(reminder_days, policy)
         due_soon = [e for e in notices.due if e.days in ahead_days]
@@ -263,7 +283,9 @@ async def run_notice_cycle(
     if staff_chat_id is not None and not overdue_rows:
         report.staff_digest = "nothing overdue, not sent"
     elif staff_chat_id is not None:
-        report.staff_digest = await _staff_digest(db, policy, day, render, staff_chat_id, overdue_rows)
+        report.staff_digest = await _staff_digest(
+            db, policy, day, render, staff_chat_id, overdue_rows, report.readers_unreachable
+        )
 
     report.seconds = time.perf_counter() - started
     if measure_memory:
@@ -335,6 +357,7 @@ async def _staff_digest(
     render: Render,
     staff_chat_id: int,
     overdue: list[tuple[Any, ...]],
+    unreachable: int = 0,
 ) -> str:
     key = f"staff-digest:{day.isoformat()}"
     async with db.session() as s:
@@ -351,6 +374,8 @@ async def _staff_digest(
             bands.append(render(lang, key_name, low=low, high=high, count=count))
         head = render(lang, "loans.staff_digest_head", day=day.isoformat(), total=len(overdue), bands="\n".join(bands),
                       days=alert_days, serious=len(serious))
+        if unreachable:
+            head += "\n" + render(lang, "reach.staff_digest_unreachable", count=unreachable)
         lines = [
             render(lang, "loans.staff_digest_line", title=_esc(_short(title)), barcode=_esc(barcode), card=_esc(card),
                    name=_esc(name), days=late)

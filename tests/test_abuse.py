@@ -145,6 +145,7 @@ async def person(ctx: dict[str, Any], role: str) -> Chat:
                    reader_id=ctx["card"] if role == "reader" else None))
         if role == "staff":
             await add_staff(s, uid, Role.STAFF, "Abusive staff")
+    env.emulator.started(uid)
     return Chat(env, uid, first_name="Abuser", language_code="en")
 
 

@@ -55,6 +55,7 @@ async def test_sigkill_mid_broadcast_then_restart_delivers_everyone(tmp_path: Pa
         await confirm_broadcast(s, draft.id, DUTY, utcnow())
 
     emulator = Emulator(token=TOKEN)
+    emulator.started(DUTY, *range(1, RECIPIENTS + 1))  # they pressed Start some time ago
     await emulator.start()
     emulator.set_limits(global_rate=30, per_chat_rate=1)
     bot = BotProcess(db.url, emulator.base_url, tmp_path / "bot.log")

@@ -28,6 +28,7 @@ async def demo(db: Database) -> AsyncIterator[EmbeddedBot]:
         s.add(User(telegram_id=8001, first_name="Wang", telegram_language="en", reader_id=reader.id))
     env = await EmbeddedBot.start(db)
     env.emulator.personas = personas([DemoCard("D0001", "1234", "Wang Xiaoming", 8001, "sample")])
+    env.emulator.started(8001)
     try:
         yield env
     finally:

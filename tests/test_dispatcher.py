@@ -354,3 +354,38 @@ def test_render_takes_catalogue_references_and_bilingual_labels() -> None:
     text, markup = render(row, "en")
     assert "1F" in text and "#3" in text
     assert [b.text for b in markup.inline_keyboard[0]][1] == "En"
+
+
+async def test_budget_saves_no_burst_that_overruns_a_rolling_second() -> None:
+    budget = SendBudget(rate=40)
+    await asyncio.sleep(0.3)  # a quiet spell
+    times: list[float] = []
+    for _ in range(60):
+        await budget.take(20)
+        times.append(time.monotonic())
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest <= 40  # never more than the rate in any rolling second, even right after quiet
+    # Paced: the quiet spell saved up at most a quarter second's worth (a busy loop's slack).
+    assert sum(1 for t in times if t < times[0] + 0.25) <= 1 + 40 * 0.25 + 40 * 0.25
+
+
+async def test_a_429_for_one_chat_slows_only_that_chat() -> None:
+    budget = SendBudget(rate=30)
+    budget.note_sent(55)
+    budget.note_sent(55)  # two messages to one person in a moment: that chat met its own limit
+    assert budget.too_many(55, 3) is False
+    assert budget.rate == 30 and budget.paused_until < time.monotonic()
+    assert budget.chat_ready[55] > time.monotonic() + 2
+    await asyncio.wait_for(budget.take(20), 0.5)  # pushes to everybody else go on
+
+
+async def test_after_a_429_for_the_bot_the_rate_climbs_back_to_the_configured_one() -> None:
+    budget = SendBudget(rate=30)
+    budget.note_sent(56)
+    assert budget.too_many(56, 1) is True  # nothing recent to that chat: the bot's own limit
+    assert budget.rate < 30 and budget.paused_until > time.monotonic()
+    resumed = budget.paused_until
+    budget._refill(resumed + 1.0)
+    assert 27 < budget.rate < 30  # climbing, additively
+    budget._refill(resumed + 10.0)
+    assert budget.rate == 30  # back at the configured rate within 10 s without another 429

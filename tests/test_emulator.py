@@ -20,6 +20,7 @@ READER = 1001
 @pytest.fixture
 async def emu() -> AsyncIterator[Emulator]:
     emulator = Emulator()
+    emulator.started(*range(READER, READER + 20))  # these people pressed Start some time ago
     await emulator.start()
     try:
         yield emulator

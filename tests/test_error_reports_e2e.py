@@ -49,6 +49,7 @@ async def test_unexpected_errors_are_reported_to_admins_once_per_kind_per_ten_mi
     await make_person(env.db, READER, "reader", first_name="Ann")
     await make_person(env.db, ADMIN, "admin")
     await make_person(env.db, STAFF, "staff")
+    env.emulator.started(ADMIN, STAFF)  # staff who pressed Start long ago: the bot may write to them
     reader = Chat(env, READER, first_name="Ann")
 
     told = await reader.send("/brokenrenew my secret words")

@@ -48,6 +48,7 @@ async def start(env: EmbeddedBot) -> None:
         s.add(User(telegram_id=OTHER, first_name="Wei", telegram_language="en", reader_id=2))
         await add_staff(s, STAFF, Role.STAFF, "Li Na")
         await add_staff(s, STAFF2, Role.STAFF, "Chen Jie")
+    env.emulator.started(READER, OTHER, STAFF, STAFF2)  # they pressed Start some time ago
     unhurried(env)
 
 

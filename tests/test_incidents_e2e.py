@@ -42,6 +42,7 @@ async def setup(env: EmbeddedBot) -> None:
         await add_staff(s, DUTY, Role.DUTY_OFFICER, "Zhao Lei")
         for uid in (STAFF, STAFF2, DUTY):
             s.add(User(telegram_id=uid, first_name=str(uid), telegram_language="en"))
+    env.emulator.started(STAFF, STAFF2, DUTY)  # they pressed Start some time ago
 
 
 async def test_a_report_reaches_the_duty_officer_escalates_and_is_taken(bot_env: EmbeddedBot) -> None:

@@ -148,6 +148,7 @@ async def test_hold_placed_filled_and_the_borrower_told(bot_env: EmbeddedBot) ->
     now = bot_env.now()
     ann = await reader(bot_env.db, ANN, "A0001", "Ann")
     await reader(bot_env.db, BEN, "B0002", "Ben")
+    bot_env.emulator.started(ANN, BEN)  # they linked their cards, so they pressed Start long ago
     record = await lend(bot_env.db, ann, "W-1", "The wanted book", 10, now)
     a = await watch(bot_env, ANN)
     b = await watch(bot_env, BEN)
@@ -192,6 +193,7 @@ async def test_daily_digest_once_even_across_a_restart(bot_env: EmbeddedBot) -> 
     await lend(bot_env.db, ann, "LATE-1", "A week late", -7, now)
     ben = await reader(bot_env.db, BEN, "B0002", "Ben")
     await lend(bot_env.db, ben, "BEN-1", "Ben's late book", -1, now)
+    bot_env.emulator.started(ANN, BEN)  # they linked their cards, so they pressed Start long ago
     bot_env.emulator.block(BEN)  # Ben blocked the bot: his digest is undeliverable, nothing else stops
     a = await watch(bot_env, ANN)
     group = await watch(bot_env, STAFF, chat_id=STAFF_CHAT_ID)

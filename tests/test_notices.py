@@ -159,10 +159,13 @@ async def test_unreachable_and_multi_device_readers(db: Database) -> None:
     await loan_due(db, blocked.id, "B", -1)
     await loan_due(db, shared.id, "S", 1)
     report = await cycle(db)
-    # The blocked reader's digest is queued (the dispatcher marks it undeliverable); nothing else stops.
-    assert report.digests_queued == 3
+    # The reader who blocked the bot (or never pressed Start) is skipped, and counted for the staff.
+    assert report.digests_queued == 2 and report.skipped_unreachable == 1 and report.readers_unreachable == 1
     async with db.session() as s:
-        assert {d.chat_id for d in await outbox(s, key="loans.digest")} == {101, 102, 103}
+        assert {d.chat_id for d in await outbox(s, key="loans.digest")} == {102, 103}
+        [staff] = await outbox(s, STAFF_CHAT)
+    assert "Readers with loans the bot cannot reach (never pressed Start, or blocked the bot): 1" in staff.params["body"]["en"]
+    assert "机器人无法联系的读者" in staff.params["body"]["zh"]
 
 
 async def test_staff_digest_counts_levels_lists_serious_and_attaches_csv(db: Database) -> None:

@@ -69,6 +69,7 @@ async def stored(db: Database, configured: int) -> StaffChat:
 async def test_upgrade_found_by_a_refused_send_is_followed_and_kept_across_a_restart(db: Database) -> None:
     await setup(db)
     env = await EmbeddedBot.start(db, staff_chat_id=BASIC_GROUP)
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     try:
         # The group becomes a supergroup while the bot misses the service messages.
         new_id = env.emulator.upgrade_group(BASIC_GROUP, announce=False)
@@ -104,6 +105,7 @@ async def test_upgrade_found_by_a_refused_send_is_followed_and_kept_across_a_res
 async def test_upgrade_announced_by_service_messages_is_followed_before_any_alert(db: Database) -> None:
     await setup(db)
     env = await EmbeddedBot.start(db, staff_chat_id=BASIC_GROUP)
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     try:
         new_id = env.emulator.upgrade_group(BASIC_GROUP)  # both service messages reach the bot
         await until(containing(env, new_id, f"{BASIC_GROUP} → {new_id}"), "the notice of the new id")
@@ -130,6 +132,7 @@ def healthz(env: EmbeddedBot) -> dict[str, Any]:
 async def test_bot_removed_tells_admins_sends_urgent_alerts_privately_and_recovers(bot_env: EmbeddedBot) -> None:
     env = bot_env
     await setup(env.db)
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     assert (await asyncio.to_thread(healthz, env))["staff_chat"] == {"chat_id": STAFF_CHAT_ID, "state": "ok"}
 
     env.emulator.set_bot_member(STAFF_CHAT_ID, "kicked")
@@ -162,6 +165,7 @@ async def test_bot_removed_tells_admins_sends_urgent_alerts_privately_and_recove
 async def test_refusals_without_an_update_are_noticed_from_the_send(bot_env: EmbeddedBot) -> None:
     env = bot_env
     await setup(env.db)
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     env.emulator.block(STAFF_CHAT_ID)  # 403 "bot was kicked from the group chat", and no update reached the bot
     await report_incident(env)
     await until(containing(env, STAFF, "Incident #1: Water leak"), "the staff member alerted privately")
@@ -172,6 +176,7 @@ async def test_refusals_without_an_update_are_noticed_from_the_send(bot_env: Emb
 async def test_muted_bot_is_noticed_and_recovers(bot_env: EmbeddedBot) -> None:
     env = bot_env
     await setup(env.db)
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     env.emulator.set_bot_member(STAFF_CHAT_ID, "restricted", can_send_messages=False)
     await until(containing(env, DUTY, "may no longer post in the staff group"), "duty officer told")
     await report_incident(env)
@@ -185,6 +190,7 @@ async def test_muted_bot_is_noticed_and_recovers(bot_env: EmbeddedBot) -> None:
 async def test_alerts_go_to_their_topic_and_the_rest_to_the_general_topic(db: Database) -> None:
     await setup(db)
     env = await EmbeddedBot.start(db, staff_topics="incidents=7, overdue=9, tickets=99")
+    env.emulator.started(STAFF, DUTY, ADMIN)  # staff who pressed Start long ago: the bot may write to them
     try:
         env.emulator.make_forum(STAFF_CHAT_ID, {7: "Incidents", 9: "Overdue"})
         await report_incident(env)

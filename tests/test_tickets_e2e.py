@@ -49,6 +49,7 @@ async def setup(env: EmbeddedBot) -> None:
         s.add(User(telegram_id=READER, first_name="Fang", telegram_language="en", reader_id=1))
         await add_staff(s, STAFF, Role.STAFF, "Li Na")
         await add_staff(s, STAFF2, Role.STAFF, "Chen Jie")
+    env.emulator.started(READER, STAFF, STAFF2)  # they pressed Start some time ago
 
 
 async def ticket(env: EmbeddedBot, ticket_id: int = 1) -> Ticket:
