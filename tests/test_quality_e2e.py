@@ -93,6 +93,7 @@ async def readers_and_staff(env: EmbeddedBot) -> None:
         await add_staff(s, STAFF, Role.STAFF, "Li Na")
         await add_staff(s, COLLEAGUE, Role.STAFF, "Chen Jie")
         await add_staff(s, ADMIN, Role.ADMIN, "Director")
+    env.emulator.started(FANG, MING, STAFF, COLLEAGUE, ADMIN)  # they pressed Start long ago
     relax_flood_control(env)
 
 
@@ -280,6 +281,7 @@ async def test_the_demo_has_a_survey_to_take_and_ratings_to_read(bot_env: Embedd
     await seed_library(bot_env.db, bot_env.policy)
     async with bot_env.db.session() as s:  # as `librarybot demo` does on its first run
         assert await invite_demo_readers(s, [8001, 8002], bot_env.now()) == 2
+    bot_env.emulator.started(8001, 8002, STAFF_ID, ADMIN_ID)  # the demo's people, as `librarybot demo` marks them
     relax_flood_control(bot_env)
     reader, staff, admin = [await watch(bot_env, i) for i in (8001, STAFF_ID, ADMIN_ID)]
     # The invitation went out in Chinese (the demo's readers'); the people here then write in English.
