@@ -32,6 +32,8 @@ async def start_bot(
     if app.post_init is not None:
         await app.post_init(app)
     await app.start()
+    # Updates stored but not done by a process that died are taken over (after their lease).
+    app.bot_data["inbox"].start(app)
     if poll:
         assert app.updater is not None
         await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES)
@@ -44,6 +46,7 @@ async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
         await app.updater.stop()
     if app.running:
         await app.stop()
+    await app.bot_data["inbox"].stop()
     # The outbox dispatcher sends through the application's bot: stop it (the messages in flight
     # finish, the rest go back to the queue) before shutdown() closes the bot's connections, or
     # those last sends would fail and wait for their lease to run out.
