@@ -20,10 +20,11 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 from telegram import Update
 from telegram.ext import Application, BaseUpdateProcessor
 
@@ -40,6 +41,8 @@ from storage.state import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 LEASE = dt.timedelta(seconds=15)  # a process silent for this long is taken for dead
 TICK = 3.0  # seconds between lease renewals and looks for abandoned updates
@@ -57,19 +60,39 @@ class UpdateInbox:
         self.queue: DurableUpdateQueue | None = None
         self.app: Application | None = None  # type: ignore[type-arg]
         self.finished: set[int] = set()  # done already (by the last handler group), not to mark again
+        self.held: set[int] = set()  # stored for this process, not yet started
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
+        # Many updates arrive at once (a webhook gets dozens of requests together): they are stored,
+        # and marked done, a batch to one transaction, so that a burst does not queue one write
+        # per update for SQLite's single writer.
+        self._receiving: GroupCommit[tuple[int, dict[str, Any]], bool] = GroupCommit(db, self._receive_all)
+        self._finishing: GroupCommit[int, None] = GroupCommit(db, self._finish_all)
 
     def lease_until(self) -> dt.datetime:
         return utcnow() + LEASE
 
     async def receive(self, update: Update) -> bool:
         """Store ``update`` for this process; False when a copy was received before."""
-        async with self.db.session() as session:
-            return await receive_update(session, update.update_id, update.to_dict(), self.worker, self.lease_until())
+        new = await self._receiving.write((update.update_id, update.to_dict()))
+        if new:
+            self.held.add(update.update_id)
+        return new
+
+    async def _receive_all(self, session: AsyncSession, batch: list[tuple[int, dict[str, Any]]]) -> list[bool]:
+        lease = self.lease_until()
+        return [await receive_update(session, update_id, payload, self.worker, lease) for update_id, payload in batch]
+
+    async def _finish_all(self, session: AsyncSession, batch: list[int]) -> list[None]:
+        for update_id in batch:
+            await finish_update(session, update_id)
+        return [None] * len(batch)
 
     async def take(self, update_id: int) -> bool:
         """Just before the handlers: may this process handle the update (see ``take_update``)?"""
+        if update_id in self.held:  # stored for this process moments ago, its lease renewed since
+            self.held.discard(update_id)
+            return True
         async with self.db.session() as session:
             return await take_update(session, update_id, self.worker, self.lease_until())
 
@@ -79,16 +102,14 @@ class UpdateInbox:
             self.finished.discard(update_id)
             return
         try:
-            async with self.db.session() as session:
-                await finish_update(session, update_id)
+            await self._finishing.write(update_id)
         except DATABASE_DOWN as exc:  # its lease runs out and it is processed again: logged, not lost
             log.warning("could not mark update %s done: %s", update_id, type(exc).__name__)
 
     async def finish_early(self, update_id: int) -> None:
         """Mark done from the last handler group (so that what the update erased is gone when its
         answer is out); the processor then does not mark it again."""
-        async with self.db.session() as session:
-            await finish_update(session, update_id)
+        await self._finishing.write(update_id)
         self.finished.add(update_id)
 
     # -- the process's heartbeat: leases, abandoned updates, old ids --------------------------------
@@ -147,9 +168,49 @@ class UpdateInbox:
                 continue
             assert self.app is not None and self.queue is not None
             log.info("update %s taken over from a process that stopped (attempt %s)", update_id, attempts)
+            self.held.add(update_id)
             await self.queue.requeue(Update.de_json(payload, self.app.bot))
             taken += 1
         return taken
+
+
+class GroupCommit(Generic[T, R]):
+    """Writes asked for while a transaction is running wait for it, then go together in the next."""
+
+    def __init__(self, db: Database, write_all: Callable[[AsyncSession, list[T]], Awaitable[list[R]]]) -> None:
+        self.db = db
+        self.write_all = write_all
+        self.pending: list[tuple[T, asyncio.Future[R]]] = []
+        self.writing = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def write(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if not self.writing:
+            self.writing = True
+            self.task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    async with self.db.session() as session:
+                        results = await self.write_all(session, [item for item, _ in batch])
+                except BaseException as exc:  # every writer of the batch learns why
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self.writing = False
 
 
 class DurableUpdateQueue(asyncio.Queue):  # type: ignore[type-arg]
