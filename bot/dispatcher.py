@@ -47,7 +47,8 @@ from telegram.ext import BaseRateLimiter
 from telegram.request import BaseRequest, RequestData
 
 from bot.i18n import language_for, localise, t
-from bot.ui import fit, keyboard
+from bot.telegram_text import cant_parse, fit_plain, plain_text
+from bot.ui import MAX_CAPTION, MAX_TEXT, fit, keyboard
 from storage import outbox
 from storage.db import Database
 from storage.outbox import Delivery, DeliveryState, Outcome, claim_due, mark_many
@@ -537,11 +538,11 @@ class Dispatcher:
             if row.document is not None:
                 message = await self.sender.send_document(
                     row.chat_id, InputFile(row.document, filename=row.document_name or "file"),
-                    caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
+                    caption=fit(text, MAX_CAPTION), parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
                 )
             elif row.photo_file_id:
                 message = await self.sender.send_photo(
-                    row.chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,
+                    row.chat_id, row.photo_file_id, caption=fit(text, MAX_CAPTION), parse_mode=ParseMode.HTML,
                     reply_markup=markup, **extra,
                 )
             else:
@@ -561,12 +562,38 @@ class Dispatcher:
             self.budget.refund()  # nothing was sent: the slot goes to the next recipient
             return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
         except BadRequest as exc:
+            if cant_parse(exc):  # an emergency is not given up for its formatting
+                return await self._send_plain(row, text, markup, extra)
             self.budget.refund()
             if "chat not found" in exc.message.lower():
                 return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
             log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
             return Outcome(row.id, DeliveryState.FAILED, exc.message)
         except (NetworkError, TelegramError) as exc:
+            return self._retry(row, str(exc))
+        return Outcome(row.id, DeliveryState.SENT, message_id=message.message_id, at=self.clock())
+
+    async def _send_plain(self, row: Delivery, text: str, markup: Any, extra: dict[str, Any]) -> Outcome:
+        """Telegram refused the formatting of ``row``: send its words again as plain text."""
+        log.warning("delivery %s: formatting refused by Telegram; sent as plain text", row.id)
+        plain = plain_text(text)
+        try:
+            if row.document is not None:
+                message = await self.sender.send_document(
+                    row.chat_id, InputFile(row.document, filename=row.document_name or "file"),
+                    caption=fit_plain(plain, MAX_CAPTION), parse_mode=None, reply_markup=markup, **extra,
+                )
+            elif row.photo_file_id:
+                message = await self.sender.send_photo(
+                    row.chat_id, row.photo_file_id, caption=fit_plain(plain, MAX_CAPTION), parse_mode=None,
+                    reply_markup=markup, **extra,
+                )
+            else:
+                message = await self.sender.send_message(
+                    row.chat_id, fit_plain(plain, MAX_TEXT), parse_mode=None, reply_markup=markup,
+                    disable_web_page_preview=True, **extra,
+                )
+        except TelegramError as exc:
             return self._retry(row, str(exc))
         return Outcome(row.id, DeliveryState.SENT, message_id=message.message_id, at=self.clock())
 
