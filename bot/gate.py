@@ -12,7 +12,7 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
-from bot.context import language_without_store, services
+from bot.context import language_without_store
 from bot.persistence import DatabasePersistence
 from bot.ui import reply
 

@@ -13,7 +13,7 @@ from telegram.ext import Application
 
 from bot.app import build_application
 from bot.settings import Settings
-from bot.web import webhook_app
+from bot.web import CappedSite, connection_cap, quiet_repeated_errors, serving_runner, webhook_app
 from storage.db import Database
 from storage.models import create_schema
 from storage.policy import Policy
@@ -94,10 +94,11 @@ async def _serve_webhook(app: Application, settings: Settings) -> web.AppRunner:
         raise SystemExit("webhook mode needs LIBRARYBOT_WEBHOOK_URL and LIBRARYBOT_WEBHOOK_SECRET")
     secret = settings.webhook_secret.get_secret_value()
     path = urlparse(settings.webhook_url).path or "/webhook"
-    runner = web.AppRunner(webhook_app(app, secret, path))
+    quiet_repeated_errors()
+    runner = serving_runner(webhook_app(app, secret, path))
     await runner.setup()
     host, port = settings.listen_address()
-    await web.TCPSite(runner, host, port).start()
+    await CappedSite(runner, host, port, connection_cap()).start()
     await app.bot.set_webhook(settings.webhook_url, secret_token=secret, allowed_updates=Update.ALL_TYPES)
     log.info("webhook served on %s:%s and registered with the Bot API", host, port)
     return runner

@@ -8,13 +8,14 @@ import asyncio
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from bot.embedded import EmbeddedBot
 from bot.emulator import parse_html, utf16_len
 from bot.telegram_text import fit_html, plain_text, visible_length
 from bot.ui import escape
 from storage.outbox import Delivery, DeliveryState, enqueue
-from tests.test_broadcast_e2e import STAFF, READERS_EN, DUTY, latest, setup, watch
+from tests.test_broadcast_e2e import DUTY, READERS_EN, STAFF, latest, setup, watch
 
 WORDS = st.text(alphabet=st.sampled_from(list("ab &<>\"'中文😀\n")), max_size=40)
 TAGS = ("b", "i", "u", "s", "code", "tg-spoiler")
@@ -80,8 +81,6 @@ async def test_a_4000_character_emergency_with_ampersands_reaches_staff_whole(bo
     assert body in got_staff["plain"] and got_staff["buttons"]
     assert utf16_len(got_staff["plain"]) <= 4096
     async with bot_env.db.session() as s:
-        from sqlalchemy import select
-
         states = set(await s.scalars(select(Delivery.state).where(Delivery.kind == "broadcast")))
     assert DeliveryState.FAILED not in states
 
@@ -94,9 +93,7 @@ async def test_a_push_whose_formatting_is_refused_goes_out_as_plain_text(bot_env
     assert got["plain"] == "Smoke on 3F <east stairs> & lift"
     for _ in range(50):
         async with bot_env.db.session() as s:
-            from sqlalchemy import select
-
-            state = await s.scalar(select(Delivery.state).where(Delivery.kind == "test"))
+                state = await s.scalar(select(Delivery.state).where(Delivery.kind == "test"))
         if state == DeliveryState.SENT:
             break
         await asyncio.sleep(0.1)
