@@ -18,6 +18,7 @@ from bot.gate import FloodControl, drop_duplicates, drop_without_sender, mark_pr
 from bot.persistence import DatabasePersistence
 from bot.settings import Settings
 from bot.ui import reply
+from bot.updates import ChatOrderedProcessor, DurableUpdateQueue, UpdateInbox
 from handlers import (
     account,
     broadcast,
@@ -151,13 +152,17 @@ def build_application(settings: Settings, db: Database, policy: Policy, token: s
     """The bot, ready to ``initialize()``; the database schema must already be up to date."""
     # One sending budget for the outbox and the direct answers: answers go first, never meet a 429.
     budget = SendBudget(settings.effective_broadcast_rate)
+    inbox = UpdateInbox(db)
     app = (
         Application.builder()
         .token(token)
         .base_url(settings.telegram_api_url)
         .base_file_url(file_url(settings.telegram_api_url))
         .persistence(DatabasePersistence(db))
-        .concurrent_updates(64)
+        # Updates are stored before they are acknowledged, and processed 64 at a time but one
+        # at a time per chat and person (see bot/updates.py).
+        .update_queue(DurableUpdateQueue(inbox))
+        .concurrent_updates(ChatOrderedProcessor(inbox, limit=64))
         # getUpdates gets a pool of its own with room for a second connection: with one, an
         # interrupted long poll can leave polling waiting for a connection (PoolTimeout).
         .get_updates_connection_pool_size(2)
@@ -167,6 +172,7 @@ def build_application(settings: Settings, db: Database, policy: Policy, token: s
         .build()
     )
     app.bot_data["send_budget"] = budget
+    app.bot_data["inbox"] = inbox
     svc = Services(settings=settings, db=db, policy=policy)
     # The circulation service: the local store, or the library's own system over SIP2; it reads
     # the bot's clock, which tests move forward.

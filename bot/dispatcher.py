@@ -60,7 +60,8 @@ from telegram.ext import BaseRateLimiter
 from telegram.request import BaseRequest, RequestData
 
 from bot.i18n import language_for, localise, t
-from bot.ui import fit, keyboard
+from bot.telegram_text import cant_parse, fit_plain, plain_text
+from bot.ui import MAX_CAPTION, MAX_TEXT, fit, keyboard
 from storage import outbox
 from storage.db import Database
 from storage.outbox import Delivery, DeliveryState, Outcome, claim_due, mark_many
@@ -669,26 +670,7 @@ class Dispatcher:
         if getattr(self.sender, "rate_limiter", None) is not None:
             extra["rate_limit_args"] = {"outbox": True}  # the budget was taken above
         try:
-            if row.document is not None:
-                message = await self.sender.send_document(
-                    chat_id, InputFile(row.document, filename=row.document_name or "file"),
-                    caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=markup, **extra,
-                )
-            elif row.photo_file_id and row.photo_file_id.startswith("doc:"):  # a relayed document (#16)
-                message = await self.sender.send_document(
-                    row.chat_id, row.photo_file_id.removeprefix("doc:"), caption=text[:1024], parse_mode=ParseMode.HTML,
-                    reply_markup=markup, **extra,
-                )
-            elif row.photo_file_id:
-                message = await self.sender.send_photo(
-                    chat_id, row.photo_file_id, caption=text[:1024], parse_mode=ParseMode.HTML,
-                    reply_markup=markup, **extra,
-                )
-            else:
-                message = await self.sender.send_message(
-                    chat_id, text, parse_mode=ParseMode.HTML, reply_markup=markup,
-                    disable_web_page_preview=True, **extra,
-                )
+            message = await self._post(row, chat_id, text, markup, extra, html=True)
         except RetryAfter as exc:
             wait = _retry_after(exc)
             self.too_many_requests += 1
@@ -707,6 +689,8 @@ class Dispatcher:
             self.budget.refund()  # nothing was sent: the slot goes to the next recipient
             return Outcome(row.id, DeliveryState.UNREACHABLE, exc.message)
         except BadRequest as exc:
+            if cant_parse(exc):  # an emergency is not given up for its formatting
+                return await self._send_plain(row, chat_id, text, markup, extra)
             self.budget.refund()
             if staff is not None:
                 return await self._staff_refused(staff, row, exc)
@@ -731,6 +715,38 @@ class Dispatcher:
             return staff.topic_missing(row, exc.message)
         log.warning("delivery %s refused by Telegram: %s", row.id, exc.message)
         return Outcome(row.id, DeliveryState.FAILED, exc.message)
+
+    async def _send_plain(self, row: Delivery, chat_id: int, text: str, markup: Any, extra: dict[str, Any]) -> Outcome:
+        """Telegram refused the formatting of ``row``: send its words again as plain text."""
+        log.warning("delivery %s: formatting refused by Telegram; sent as plain text", row.id)
+        try:
+            message = await self._post(row, chat_id, plain_text(text), markup, extra, html=False)
+        except TelegramError as exc:
+            return self._retry(row, str(exc))
+        return Outcome(row.id, DeliveryState.SENT, message_id=message.message_id, at=self.clock())
+
+    async def _post(self, row: Delivery, chat_id: int, text: str, markup: Any, extra: dict[str, Any], *, html: bool) -> Any:
+        """One send of ``row`` as what it is (a file, a relayed document, a photo or a text), in HTML
+        or as plain text, cut to Telegram's limits."""
+        mode, cut = (ParseMode.HTML, fit) if html else (None, fit_plain)
+        if row.document is not None:
+            return await self.sender.send_document(
+                chat_id, InputFile(row.document, filename=row.document_name or "file"),
+                caption=cut(text, MAX_CAPTION), parse_mode=mode, reply_markup=markup, **extra,
+            )
+        if row.photo_file_id and row.photo_file_id.startswith("doc:"):  # a relayed document (#16)
+            return await self.sender.send_document(
+                chat_id, row.photo_file_id.removeprefix("doc:"), caption=cut(text, MAX_CAPTION), parse_mode=mode,
+                reply_markup=markup, **extra,
+            )
+        if row.photo_file_id:
+            return await self.sender.send_photo(
+                chat_id, row.photo_file_id, caption=cut(text, MAX_CAPTION), parse_mode=mode, reply_markup=markup, **extra,
+            )
+        return await self.sender.send_message(
+            chat_id, text if html else cut(text, MAX_TEXT), parse_mode=mode, reply_markup=markup,
+            disable_web_page_preview=True, **extra,
+        )
 
     def _retry(self, row: Delivery, error: str) -> Outcome:
         """Try again later with exponential backoff, or give up after ``MAX_ATTEMPTS``."""

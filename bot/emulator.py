@@ -641,7 +641,7 @@ class Emulator(GroupControls):
         return self.app
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[control_api_guard])
         r = app.router
         r.add_route("*", "/bot{token}/{method}", self._handle_bot)
         r.add_get("/file/bot{token}/{path:.+}", self._handle_file)
@@ -664,7 +664,6 @@ class Emulator(GroupControls):
         r.add_get("/_emu/files/{file_id}", self._h_file_download)
         r.add_get("/_emu/commands", self._h_commands)
         r.add_get("/_emu/webhooks", self._h_webhooks)
-        r.add_post("/_emu/webhooks", self._h_webhooks)
         r.add_get("/", self._h_index)
         if STATIC_DIR.is_dir():
             r.add_static("/static/", STATIC_DIR)
@@ -2643,3 +2642,42 @@ class Person:
         async with self._session.get(self.root + path) as resp:
             resp.raise_for_status()
             return await resp.json()
+
+
+# --- the control API is for the page the emulator serves, and for nobody else ------------------
+
+
+def _served_host(host: str) -> bool:
+    """A ``Host`` header naming this machine by address (or as localhost): a domain name that
+    resolves here is how DNS rebinding gets a foreign page the same origin as the demo."""
+    import ipaddress
+
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@web.middleware
+async def control_api_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """``/_emu/*`` acts for the people in the demo: only for requests from the page it serves.
+
+    A ``Host`` other than this machine's address (DNS rebinding) and an ``Origin`` other than the
+    page's are refused; a POST must be JSON, which a page on another site cannot send without the
+    browser asking first (a cross-site form or ``text/plain`` POST is refused).
+    """
+    if not request.path.startswith("/_emu/"):
+        return await handler(request)
+    if not _served_host(request.host):
+        return web.json_response({"ok": False, "description": "Forbidden: unknown host"}, status=403)
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return web.json_response({"ok": False, "description": "Forbidden: cross-origin request"}, status=403)
+    if request.method == "POST" and request.content_type != "application/json":
+        return web.json_response({"ok": False, "description": "Unsupported Media Type: send JSON"}, status=415)
+    return await handler(request)

@@ -12,10 +12,9 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
-from bot.context import language_without_store, services
+from bot.context import language_without_store
 from bot.persistence import DatabasePersistence
 from bot.ui import reply
-from storage.state import claim_update
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +26,18 @@ DATABASE_DOWN = (DBAPIError, OperationalError, OSError, ConnectionError, Timeout
 
 
 async def drop_duplicates(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Claim the update before any handler runs; a copy of it stops here.
+    """Take the update before any handler runs; a copy of it stops here.
 
-    The claim is one atomic insert into ``processed_updates``, committed at once: a copy delivered
-    again (by Telegram after a restart, or to a second bot process at the same moment, or twice in
-    one batch) finds the row and is dropped, so every update is processed once. An update
-    interrupted by a crash is not run a second time: what it wrote is durable, the person (who saw
-    no answer) sends again. When the database cannot be reached the person is told to try again,
-    once, here, and nothing else runs (every handler would fail the same way and answer again).
+    The update was stored when it arrived (``bot.updates``), leased to this process, and a copy
+    received again (by Telegram after a restart, or by a second bot process, or twice in one batch)
+    was not queued. Here the process checks that it still holds the update (another process may
+    have taken over an update this one was too slow to start), or records it now if it could not be
+    stored on arrival. When the database cannot be reached the person is told to try again, once,
+    here, and nothing else runs (every handler would fail the same way and answer again).
     """
     persistence = context.application.persistence
     try:
-        async with services(context).db.session() as session:
-            first = await claim_update(session, update.update_id)
+        first = await context.application.bot_data["inbox"].take(update.update_id)
         if first and isinstance(persistence, DatabasePersistence):
             # This chat's last update may have gone to another bot process: take over its state.
             await persistence.refresh(context.application, update)
@@ -119,6 +117,9 @@ async def mark_processed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
     )
     try:
         await context.application.update_persistence()
+        # Done now that its handlers finished and its state is saved (the update processor would
+        # mark it too, a moment later: after the answer, which must find what it erased gone).
+        await context.application.bot_data["inbox"].finish_early(update.update_id)
     except DATABASE_DOWN as exc:
         # The handlers already answered (or the error handler told the person to try again); a
         # second "try again" here would only confuse. The state is saved with the next update.

@@ -14,7 +14,7 @@ from telegram.ext import Application
 from bot.app import build_application
 from bot.ill_exchange import start_ill_exchange, stop_ill_exchange
 from bot.settings import Settings
-from bot.web import webhook_app
+from bot.web import CappedSite, connection_cap, quiet_repeated_errors, serving_runner, webhook_app
 from storage.db import Database
 from storage.models import create_schema
 from storage.policy import Policy
@@ -34,6 +34,8 @@ async def start_bot(
         await app.post_init(app)
     await app.start()
     await start_ill_exchange(app)  # POST /iso18626 and the partner sender, when LIBRARYBOT_ILL_AGENCY_ID is set
+    # Updates stored but not done by a process that died are taken over (after their lease).
+    app.bot_data["inbox"].start(app)
     if poll:
         assert app.updater is not None
         await app.updater.start_polling(timeout=poll_timeout, allowed_updates=Update.ALL_TYPES)
@@ -47,6 +49,7 @@ async def stop_bot(app: Application) -> None:  # type: ignore[type-arg]
         await app.updater.stop()
     if app.running:
         await app.stop()
+    await app.bot_data["inbox"].stop()
     # The outbox dispatcher sends through the application's bot: stop it (the messages in flight
     # finish, the rest go back to the queue) before shutdown() closes the bot's connections, or
     # those last sends would fail and wait for their lease to run out.
@@ -94,10 +97,11 @@ async def _serve_webhook(app: Application, settings: Settings) -> web.AppRunner:
         raise SystemExit("webhook mode needs LIBRARYBOT_WEBHOOK_URL and LIBRARYBOT_WEBHOOK_SECRET")
     secret = settings.webhook_secret.get_secret_value()
     path = urlparse(settings.webhook_url).path or "/webhook"
-    runner = web.AppRunner(webhook_app(app, secret, path))
+    quiet_repeated_errors()
+    runner = serving_runner(webhook_app(app, secret, path))
     await runner.setup()
     host, port = settings.listen_address()
-    await web.TCPSite(runner, host, port).start()
+    await CappedSite(runner, host, port, connection_cap()).start()
     await app.bot.set_webhook(settings.webhook_url, secret_token=secret, allowed_updates=Update.ALL_TYPES)
     log.info("webhook served on %s:%s and registered with the Bot API", host, port)
     return runner

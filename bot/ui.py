@@ -12,6 +12,7 @@ from telegram.error import BadRequest
 from telegram.ext import ContextTypes
 
 from bot.i18n import t
+from bot.telegram_text import cant_parse, fit_html, fit_plain, plain_text
 
 T = TypeVar("T")
 
@@ -19,6 +20,7 @@ T = TypeVar("T")
 # Data starting with "https://" makes a link button.
 Button = tuple[str, str]
 MAX_TEXT = 4096
+MAX_CAPTION = 1024
 
 
 def label(lang: str, text: str) -> str:
@@ -48,9 +50,11 @@ def escape(text: str) -> str:
     return html.escape(text, quote=False)
 
 
-def fit(text: str) -> str:
-    """Cut a text to Telegram's 4,096-character limit (a cut text ends with an ellipsis)."""
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+def fit(text: str, limit: int = MAX_TEXT) -> str:
+    """Cut an HTML text to Telegram's limit (4,096, or 1,024 for a caption) as Telegram counts it:
+    after the tags and entities, in UTF-16 units; never inside a tag or an entity, the tags left
+    open closed (a cut text ends with an ellipsis)."""
+    return fit_html(text, limit)
 
 
 async def _lang(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str | None) -> str:
@@ -74,12 +78,26 @@ async def reply(
     lang = await _lang(update, context, lang)
     chat = update.effective_chat
     assert chat is not None
+    text = t(lang, key, **params)
+    try:
+        return await context.bot.send_message(
+            chat.id,
+            fit(text),
+            parse_mode=ParseMode.HTML,
+            reply_markup=keyboard(lang, buttons),
+            disable_web_page_preview=True,
+        )
+    except BadRequest as exc:
+        if not cant_parse(exc):
+            raise
+        return await send_plain(context, chat.id, text, reply_markup=keyboard(lang, buttons))
+
+
+async def send_plain(context: ContextTypes.DEFAULT_TYPE, chat_id: int, text: str, **kwargs: Any) -> Message:
+    """Send an HTML text whose formatting Telegram refused once more, as plain text: the words
+    matter more than the bold."""
     return await context.bot.send_message(
-        chat.id,
-        fit(t(lang, key, **params)),
-        parse_mode=ParseMode.HTML,
-        reply_markup=keyboard(lang, buttons),
-        disable_web_page_preview=True,
+        chat_id, fit_plain(plain_text(text), MAX_TEXT), parse_mode=None, disable_web_page_preview=True, **kwargs
     )
 
 

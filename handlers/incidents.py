@@ -27,7 +27,7 @@ from bot.context import services, who
 from bot.dispatcher import render_text
 from bot.i18n import language_for, t
 from bot.roles import requires
-from bot.ui import Button, answer, edit, escape, fit, paginate, parse_page, reply, trailing_id
+from bot.ui import MAX_CAPTION, Button, answer, edit, escape, fit, paginate, parse_page, reply, trailing_id
 from handlers.account import cancel_fallbacks
 from storage.incidents import (
     MAX_PLACE_TEXT,
@@ -212,7 +212,7 @@ async def _show_taken(context: ContextTypes.DEFAULT_TYPE, incident: Incident, na
         text = render_text(lang, alert.text_key, alert.params) + "\n\n" + t(lang, "incidents.handled_line", name=escape(name), time=since)
         try:
             if alert.photo:
-                await context.bot.edit_message_caption(alert.chat_id, alert.message_id, caption=text[:1024], parse_mode=ParseMode.HTML, reply_markup=None)
+                await context.bot.edit_message_caption(alert.chat_id, alert.message_id, caption=fit(text, MAX_CAPTION), parse_mode=ParseMode.HTML, reply_markup=None)
             else:
                 await context.bot.edit_message_text(fit(text), alert.chat_id, alert.message_id, parse_mode=ParseMode.HTML, reply_markup=None)
         except TelegramError as exc:  # deleted by its reader, or too old to edit: the others still change

@@ -16,7 +16,7 @@ from telegram.ext import Application, CallbackQueryHandler, CommandHandler, Cont
 from bot.context import services, who
 from bot.i18n import t
 from bot.roles import requires
-from bot.ui import answer, escape, fit, reply
+from bot.ui import MAX_CAPTION, answer, escape, fit, reply
 from storage.people import Role
 from storage.stats import FIRST_DAY, LAST_DAY, PeriodOutOfRange, StatsReport, check_period, service_stats
 
@@ -72,7 +72,7 @@ async def stats_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
         assert chat is not None
         await context.bot.send_photo(
             chat.id, InputFile(png, filename="ill-requests-per-week.png"),
-            caption=fit(t(me.lang, "stats.chart_caption", period=report.period_label(me.lang)))[:1024],
+            caption=fit(t(me.lang, "stats.chart_caption", period=report.period_label(me.lang)), MAX_CAPTION),
             parse_mode=ParseMode.HTML,
         )
 

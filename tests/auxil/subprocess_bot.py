@@ -45,6 +45,7 @@ class BotProcess:
         webhook_secret: str = "robustness-webhook-secret-0123456789",
         log_level: str = "INFO",
         env: dict[str, str] | None = None,
+        open_files: int | None = None,
     ) -> None:
         self.database_url = database_url
         self.api_url = api_url
@@ -53,6 +54,7 @@ class BotProcess:
         self.webhook_secret = webhook_secret
         self.log_level = log_level
         self.extra_env = env or {}
+        self.open_files = open_files  # the process's limit of open files (RLIMIT_NOFILE), if set
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -90,7 +92,8 @@ class BotProcess:
         with self.log_path.open("ab") as log:
             # The working directory is the log's folder, so a developer's .env is not read.
             self.process = subprocess.Popen(  # noqa: ASYNC220 (Popen returns at once)
-                args, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.log_path.parent
+                args, stdout=log, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.log_path.parent,
+                preexec_fn=self._limit_open_files if self.open_files else None,
             )
         deadline = time.monotonic() + timeout
         while READY_LINE not in self.new_log():
@@ -101,6 +104,12 @@ class BotProcess:
                 raise TimeoutError(f"the bot did not start in {timeout} s:\n{self.new_log()[-3000:]}")
             await asyncio.sleep(0.05)
         return self
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def new_log(self) -> str:
         """What this run of the process has logged so far."""
