@@ -293,6 +293,14 @@ def text_tokens(text: str, *, pinyin: bool = False, syllables: bool = False) -> 
     return out
 
 
+def warm_up() -> None:
+    """Build the tables tokenising needs (OpenCC, every reading of every Han character) now, e.g.
+    once before forking worker processes rather than once in each."""
+    _t2s()
+    _readings()
+    _pinyin("中文")
+
+
 def pinyin_of(text: str) -> str:
     """The toneless pinyin of the Han characters of ``text``, syllables spaced ("" without Han)."""
     return " ".join(_pinyin(text)) if _HAN.search(text) else ""
@@ -544,6 +552,7 @@ MAX_GROUPS = 12  # at most this many words go to the database; the rest only rer
 CANDIDATES = 200  # records fetched per candidate query
 ENOUGH = 50  # title matches that make the all-fields query unnecessary
 MAX_RESULTS = 100  # results a search returns over all its pages
+RARE = 1_000  # a known word in fewer records than this may still be a typo of a more frequent one
 COMMON = 20_000  # a word in more records than this is left to the reranking (when rarer words exist)
 _MIN_FUZZY, _MAX_FUZZY = 4, 24  # words shorter or longer than this are not corrected
 _ALPHABETS = ("abcdefghijklmnopqrstuvwxyz", "абвгдеёжзийклмнопрстуфхцчшщъыьэюя", "αβγδεζηθικλμνξοπρστυφχψω")
@@ -926,13 +935,19 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
     exact_title = any(_rank(plan, c)[0] == 5 for c in found.values())
     if len(found) < ENOUGH and not exact_title:
         await take(await _match(session, groups, title_only=False))
-    if not found and not identifiers:
-        # Nothing: maybe a typo made another real word, or one word is not in the record.
-        known = [g for g in groups if not g.identifier and not g.fixes and _fuzzy(g.word)]
+    if not identifiers and not any(_rank(plan, c)[0] >= 3 for c in found.values()):
+        # No title has every word: maybe a typo made another, rarer real word ("horse thie",
+        # "boin in italia", "a fac in the water"); its frequent neighbours are tried too.
+        known = [
+            g for g in groups
+            if not g.identifier and not g.fixes and g.df < RARE and _MIN_FUZZY - 1 <= len(g.word) <= _MAX_FUZZY
+        ]
         if known:
-            await _add_corrections(session, known, per_word=3)
+            await _add_corrections(session, known, per_word=24)
             if any(g.fixes for g in known):
-                await take(await _match(session, groups, title_only=False))
+                await take(await _match(session, groups, title_only=True))
+                if len(found) < ENOUGH:
+                    await take(await _match(session, groups, title_only=False))
         if not found:
             await take(await _match_all_but_one(session, groups[:6]))
     ranked = sorted(found.values(), key=lambda c: (*(-x for x in _rank(plan, c)), c.id))
