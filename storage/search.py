@@ -552,6 +552,7 @@ MAX_GROUPS = 12  # at most this many words go to the database; the rest only rer
 CANDIDATES = 200  # records fetched per candidate query
 ENOUGH = 50  # title matches that make the all-fields query unnecessary
 MAX_RESULTS = 100  # results a search returns over all its pages
+CLOSE = 90  # similarity of a record that has every word to the query, from which no typo is suspected
 RARE = 1_000  # a known word in fewer records than this may still be a typo of a more frequent one
 COMMON = 20_000  # a word in more records than this is left to the reranking (when rarer words exist)
 _MIN_FUZZY, _MAX_FUZZY = 4, 24  # words shorter or longer than this are not corrected
@@ -935,9 +936,11 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
     exact_title = any(_rank(plan, c)[0] == 5 for c in found.values())
     if len(found) < ENOUGH and not exact_title:
         await take(await _match(session, groups, title_only=False))
-    if not identifiers and not any(_rank(plan, c)[0] >= 3 for c in found.values()):
-        # No title has every word: maybe a typo made another, rarer real word ("horse thie",
-        # "boin in italia", "a fac in the water"); its frequent neighbours are tried too.
+    best = max((_rank(plan, c) for c in found.values()), default=(0, 0.0))
+    if not identifiers and (best[0] < 2 or (best[0] == 2 and best[1] < CLOSE)):
+        # No title has every word, and no record has them all as the query has them: maybe a typo
+        # made another, rarer real word ("horse thie", "boin in italia", "a fac in the water"); its
+        # frequent neighbours are tried too, in the shortest titles.
         known = [
             g for g in groups
             if not g.identifier and not g.fixes and g.df < RARE and _MIN_FUZZY - 1 <= len(g.word) <= _MAX_FUZZY
@@ -945,8 +948,8 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
         if known:
             await _add_corrections(session, known, per_word=24)
             if any(g.fixes for g in known):
-                await take(await _match(session, groups, title_only=True))
-                if len(found) < ENOUGH:
+                await take(await _match(session, groups, title_only=True, limit=ENOUGH))
+                if not found:
                     await take(await _match(session, groups, title_only=False))
         if not found:
             await take(await _match_all_but_one(session, groups[:6]))
