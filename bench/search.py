@@ -243,6 +243,50 @@ async def measure(
     return results, misses
 
 
+async def top_keys(db: Database, queries: list[Query]) -> list[list[str]]:
+    """The control numbers of each query's first five results (record ids differ between stores)."""
+    out = []
+    for q in queries:
+        ids = await engine(db, q.text)
+        async with db.session() as s:
+            keys = dict((await s.execute(select(Record.id, Record.control_number).where(Record.id.in_(ids)))).all())
+        out.append([keys[i] for i in ids])
+    return out
+
+
+async def postgresql(url: str, data: Path, sqlite: Database, queries: list[Query]) -> list[str]:
+    """The same queries on PostgreSQL (the catalog imported first when its database is empty):
+    latency and recall per type, and how many queries have the same five results as on SQLite."""
+    pg = Database(url)
+    await create_schema(pg)
+    lines = []
+    async with pg.session() as s:
+        present = await s.scalar(select(func.count()).select_from(Record))
+    if not present:
+        started = time.perf_counter()
+        report = await import_catalog(pg, [data], progress=sys.stderr.isatty())
+        lines.append(f"PostgreSQL import: {report.lines()[0]} (bench: {time.perf_counter() - started:.0f} s)")
+    async with sqlite.session() as s:
+        control = dict((await s.execute(select(Record.id, Record.control_number))).all())
+    async with pg.session() as s:
+        pg_id = {c: i for i, c in (await s.execute(select(Record.id, Record.control_number))).all()}
+    pg_queries = [Query(q.kind, q.text, pg_id.get(control[q.target], -1), q.relevant) for q in queries]
+    await engine(pg, "warm up")
+    results, _ = await measure(pg, pg_queries, engine)
+    same = sum(a == b for a, b in zip(await top_keys(sqlite, queries), await top_keys(pg, queries), strict=True))
+    await pg.dispose()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines.append(f"PostgreSQL ({len(pg_id):,} records), load average {load}; same five results as SQLite: "
+                 f"{same} of {len(queries)} queries")
+    total = Result()
+    for kind in TYPES:
+        total.latencies += results[kind].latencies
+        total.hits += results[kind].hits
+        lines.append(f"{kind:14} {len(results[kind].latencies):>3} {results[kind].row()}")
+    lines.append(f"{'all':14} {len(total.latencies):>3} {total.row()}")
+    return lines
+
+
 def pymarc_floor(source: Path) -> tuple[int, float]:
     """The floor of any import: one process merely iterating the file with pymarc, decoding every
     record to Unicode (no mapping, no tokens, no database). Returns (records, seconds)."""
@@ -279,6 +323,11 @@ async def main() -> None:
     parser.add_argument("--db", type=Path, help="SQLite file to keep (reused when it already holds records)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--pg",
+        help="also PostgreSQL: a postgresql+asyncpg URL of a database of your own (the catalog is imported "
+        "into it when it holds no records, and kept)",
+    )
     parser.add_argument(
         "--show-misses", action="store_true", help="list the queries the engine did not answer"
     )
@@ -319,6 +368,7 @@ async def main() -> None:
     await engine(db, "warm up")  # first-query costs (OpenCC, pypinyin tables) are not search latency
     ours, misses = await measure(db, queries, engine)
     like, _ = await measure(db, queries, like_baseline)
+    pg_lines = await postgresql(args.pg, args.data, db, queries) if args.pg else []
 
     print()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -344,6 +394,8 @@ async def main() -> None:
         total_like.hits += like[kind].hits
         print(f"{kind:14} {len(r.latencies):>3} {r.row()} | {like[kind].row()}")
     print(f"{'all':14} {len(total_ours.latencies):>3} {total_ours.row()} | {total_like.row()}")
+    for line in pg_lines:
+        print(line)
     if args.show_misses:
         for q in misses:
             print(f"missed {q.kind}: {q.text!r} (record {q.target})")

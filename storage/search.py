@@ -468,6 +468,38 @@ _PG_INDEX = [
 _PG_DROP = ["DROP INDEX IF EXISTS ix_records_search_title", "DROP INDEX IF EXISTS ix_records_search_all"]
 
 
+# Revision 0013: the same vectors stored in generated columns, GIN-indexed (PostgreSQL only).
+PG_TITLE_COLUMN, PG_ALL_COLUMN = "search_title_vector", "search_vector"
+_PG_VECTORS = [
+    *_PG_DROP,
+    f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_TITLE_COLUMN} tsvector "
+    f"GENERATED ALWAYS AS ({PG_TITLE_VECTOR}) STORED",
+    f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_ALL_COLUMN} tsvector GENERATED ALWAYS AS ({PG_ALL_VECTOR}) STORED",
+    f"CREATE INDEX IF NOT EXISTS ix_records_search_title ON records USING gin ({PG_TITLE_COLUMN})",
+    f"CREATE INDEX IF NOT EXISTS ix_records_search_all ON records USING gin ({PG_ALL_COLUMN})",
+]
+_PG_VECTORS_DROP = [
+    *_PG_DROP,
+    f"ALTER TABLE records DROP COLUMN IF EXISTS {PG_TITLE_COLUMN}",
+    f"ALTER TABLE records DROP COLUMN IF EXISTS {PG_ALL_COLUMN}",
+    *_PG_INDEX,
+]
+
+
+def create_search_vectors(connection: Connection) -> None:
+    """Store the search vectors in generated columns and index those (migration 0013; PostgreSQL)."""
+    if connection.dialect.name == "postgresql":
+        for statement in _PG_VECTORS:
+            connection.exec_driver_sql(statement)
+
+
+def drop_search_vectors(connection: Connection) -> None:
+    """Back to the expression indexes of migration 0002."""
+    if connection.dialect.name == "postgresql":
+        for statement in _PG_VECTORS_DROP:
+            connection.exec_driver_sql(statement)
+
+
 def create_search_index(connection: Connection) -> None:
     """Create the full-text index over the records' token strings (migration 0002): FTS5 and its
     triggers on SQLite, GIN expression indexes on PostgreSQL. Existing records are indexed."""
@@ -767,9 +799,9 @@ async def _match(
     if not groups:
         return []
     if _dialect(session) == "postgresql":
-        vector = PG_TITLE_VECTOR if title_only else PG_ALL_VECTOR
+        vector = PG_TITLE_COLUMN if title_only else PG_ALL_COLUMN
         statement = (
-            f"SELECT r.id FROM records r WHERE {vector.replace('search_', 'r.search_')} "
+            f"SELECT r.id FROM records r WHERE r.{vector} "
             "@@ CAST(:q AS tsquery) ORDER BY r.title_length, r.id LIMIT :k"
         )
         params: dict[str, object] = {"q": _tsquery(groups), "k": limit}
