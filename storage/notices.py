@@ -170,7 +170,7 @@ async def run_notice_cycle(
         horizon = circ.end_of_day(day + dt.timedelta(days=ahead), tz)
         source = _loan_sources.get(db)
         loans: Sequence[Any] = [] if source is not None else (
-            await s.execute(
+            await (await s.connection()).execute(  # plain rows, without the ORM's result machinery
                 select(
                     Loan.reader_id, Loan.due_at, Item.barcode, Item.item_type, Record.title,
                     Reader.card_number, Reader.name, Reader.category,
