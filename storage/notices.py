@@ -288,13 +288,13 @@ async def _queue_digests(db: Database, chunk: Sequence[tuple[int, str, dict[str,
             taken = set(
                 await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.in_([k for _, k, _ in chunk])))
             )
-            fresh = {chat_id: (key, params) for chat_id, key, params in chunk if key not in taken}
+            keys = {chat_id: key for chat_id, key, _ in chunk if key not in taken}
+            bodies = {chat_id: params for chat_id, key, params in chunk if key not in taken}
             try:
                 async with s.begin_nested():
                     return await enqueue_many(
-                        s, list(fresh), "loans.digest", lambda chat_id: fresh[chat_id][1], kind="notice",
-                        priority=Priority.BULK, buttons=[[["loans.btn_my_loans", "loans:show"]]],
-                        dedupe_keys=lambda chat_id: fresh[chat_id][0],
+                        s, list(keys), "loans.digest", bodies.__getitem__, kind="notice", priority=Priority.BULK,
+                        buttons=[[["loans.btn_my_loans", "loans:show"]]], dedupe_keys=keys.__getitem__,
                     )
             except IntegrityError:
                 continue
