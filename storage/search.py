@@ -761,10 +761,15 @@ def _fuzzy(word: str) -> bool:
     return _MIN_FUZZY <= len(word) <= _MAX_FUZZY
 
 
-async def _add_corrections(session: AsyncSession, groups: Sequence[Group], per_word: int = 5) -> None:
-    """Add to each group the catalog words one edit away from it (the most frequent first)."""
+async def _add_corrections(
+    session: AsyncSession, groups: Sequence[Group], per_word: int = 5, max_df: int | None = None
+) -> None:
+    """Add to each group the catalog words one edit away from it (the most frequent first; none in
+    more than ``max_df`` records when given)."""
     edits = {g.word: _edits(g.word) for g in groups}
     df = await _frequencies(session, {e for es in edits.values() for e in es})
+    if max_df is not None:
+        df = {e: n for e, n in df.items() if n <= max_df}
     for g in groups:
         found = sorted((e for e in edits[g.word] if e in df), key=lambda e: (-df[e], e))[:per_word]
         known = set(g.everything)
@@ -978,7 +983,7 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
             if not g.identifier and not g.fixes and g.df < RARE and _MIN_FUZZY - 1 <= len(g.word) <= _MAX_FUZZY
         ]
         if known:
-            await _add_corrections(session, known, per_word=24)
+            await _add_corrections(session, known, per_word=24, max_df=COMMON)  # not "the" for "thie"
             if any(g.fixes for g in known):
                 await take(await _match(session, groups, title_only=True, limit=ENOUGH))
                 if not found:
