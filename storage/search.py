@@ -319,6 +319,15 @@ def isbn_forms(value: str) -> list[str]:
     """The searchable forms of an ISBN: ISBN-13 and, where one exists, ISBN-10 ("957-11-1784-6" →
     ["9789571117843", "9571117846"]). An ISBN with a wrong check digit is kept as it is written;
     anything else gives []."""
+    return list(_isbn_forms(value))  # an import asks twice per ISBN (mapping, then tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def _isbn_forms(value: str) -> tuple[str, ...]:
+    return tuple(_uncached_isbn_forms(value))
+
+
+def _uncached_isbn_forms(value: str) -> list[str]:
     try:
         code = stdnum_isbn.compact(value, convert=False).lower() if value else ""
     except Exception:
