@@ -593,7 +593,7 @@ MAX_GROUPS = 12  # at most this many words go to the database; the rest only rer
 CANDIDATES = 200  # records fetched per candidate query
 ENOUGH = 50  # title matches that make the all-fields query unnecessary
 MAX_RESULTS = 100  # results a search returns over all its pages
-CLOSE = 90  # similarity of a record that has every word to the query, from which no typo is suspected
+CLOSE = 90  # similarity to the query of a result from which no further typo is suspected
 RARE = 1_000  # a known word in fewer records than this may still be a typo of a more frequent one
 COMMON = 20_000  # a word in more records than this is left to the reranking (when rarer words exist)
 _MIN_FUZZY, _MAX_FUZZY = 4, 24  # words shorter or longer than this are not corrected
@@ -983,8 +983,8 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
     if len(found) < ENOUGH and not exact_title:
         await take(await _match(session, groups, title_only=False))
     best = max((_rank(plan, c) for c in found.values()), default=(0, 0.0))
-    if not identifiers and (best[0] < 2 or (best[0] == 2 and best[1] < CLOSE)):
-        # No title has every word, and no record has them all as the query has them: maybe a typo
+    if not identifiers and best[0] < 3 and best[1] < CLOSE:
+        # No title has every word, and nothing found is as close as a typo away: maybe a typo
         # made another, rarer real word ("horse thie", "boin in italia", "a fac in the water"); its
         # frequent neighbours are tried too, in the shortest titles.
         known = [
