@@ -26,8 +26,8 @@ import is compared with, printed beside it. With ``--pg postgresql+asyncpg://…
 your own; the catalog is imported into it when it is empty, and kept) the same queries also run on
 PostgreSQL, with the number whose five results are the same as on SQLite.
 
-Recorded 2026-12-04 after #21 (load average 3.9; the import at 3.9–6.3): import 229 s against a
-floor of 36.5 s (6.3×); SQLite p50/p95/p99 2.1/7.8/14.8 ms, recall@5 1.000 on every type (worst
+Recorded 2026-12-04 after #21 (load average 3.9; the import at 3.0–4.9): import 162 s against a
+floor of 26.5 s (6.1×); SQLite p50/p95/p99 2.1/7.8/14.8 ms, recall@5 1.000 on every type (worst
 p95: typo 14.9 ms); PostgreSQL 3.1/11.8/27.9 ms, recall@5 1.000, 600 of 600 queries with the same
 five results as SQLite; LIKE p95 217 ms, recall@5 0.215.
 
