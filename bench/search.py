@@ -1,6 +1,6 @@
 """Benchmark: catalog search on the 250,000-record Library of Congress file, in SQLite.
 
-    python bench/search.py [--limit N] [--per-type 100] [--db PATH] [--seed 7]
+    python bench/search.py [--limit N] [--per-type 100] [--db PATH] [--seed 7] [--pg URL]
 
 Imports the records (``--limit N``: N records spread over the file, for a quick check) into a SQLite file
 (``--db PATH`` keeps it, and a later run with the same path reuses it without importing), then builds
@@ -21,7 +21,17 @@ from, or a record with the same main title (the same work catalogued twice; for 
 with that ISBN). Printed per type: latency p50/p95/p99 and recall@5 for both, plus the import time
 and the database size. Targets (PRODUCT.md §6): p95 ≤ 50 ms and recall@5 ≥ 0.95 for every type.
 
-Last recorded (2026-11-26, 2 CPUs shared with other work, load average 2.7–4; 100 queries a type):
+Before importing, one pymarc process iterates the same file with Unicode decoding: the floor any
+import is compared with, printed beside it. With ``--pg postgresql+asyncpg://…/DB`` (a database of
+your own; the catalog is imported into it when it is empty, and kept) the same queries also run on
+PostgreSQL, with the number whose five results are the same as on SQLite.
+
+Recorded 2026-12-04 after #21 (load average 3.9; the import at 3.0–4.9): import 162 s against a
+floor of 26.5 s (6.1×); SQLite p50/p95/p99 2.1/7.8/14.8 ms, recall@5 1.000 on every type (worst
+p95: typo 14.9 ms); PostgreSQL 3.1/11.8/27.9 ms, recall@5 1.000, 600 of 600 queries with the same
+five results as SQLite; LIKE p95 217 ms, recall@5 0.215.
+
+Last recorded before #21 (2026-11-26, 2 CPUs shared with other work, load average 2.7–4; 100 queries a type):
 import of 250,000 records 176 s (1,420 records/s, none skipped), database 406 MB.
 
     query type     search engine: p50   p95   p99 rec@5 | LIKE: p50    p95    p99 rec@5  (ms)
@@ -243,6 +253,63 @@ async def measure(
     return results, misses
 
 
+async def top_keys(db: Database, queries: list[Query]) -> list[list[str]]:
+    """The control numbers of each query's first five results (record ids differ between stores)."""
+    out = []
+    for q in queries:
+        ids = await engine(db, q.text)
+        async with db.session() as s:
+            keys = dict((await s.execute(select(Record.id, Record.control_number).where(Record.id.in_(ids)))).all())
+        out.append([keys[i] for i in ids])
+    return out
+
+
+async def postgresql(url: str, data: Path, sqlite: Database, queries: list[Query]) -> list[str]:
+    """The same queries on PostgreSQL (the catalog imported first when its database is empty):
+    latency and recall per type, and how many queries have the same five results as on SQLite."""
+    pg = Database(url)
+    await create_schema(pg)
+    lines = []
+    async with pg.session() as s:
+        present = await s.scalar(select(func.count()).select_from(Record))
+    if not present:
+        started = time.perf_counter()
+        report = await import_catalog(pg, [data], progress=sys.stderr.isatty())
+        lines.append(f"PostgreSQL import: {report.lines()[0]} (bench: {time.perf_counter() - started:.0f} s)")
+    async with sqlite.session() as s:
+        control = dict((await s.execute(select(Record.id, Record.control_number))).all())
+    async with pg.session() as s:
+        pg_id = {c: i for i, c in (await s.execute(select(Record.id, Record.control_number))).all()}
+    pg_queries = [Query(q.kind, q.text, pg_id.get(control[q.target], -1), q.relevant) for q in queries]
+    await engine(pg, "warm up")
+    results, _ = await measure(pg, pg_queries, engine)
+    same = sum(a == b for a, b in zip(await top_keys(sqlite, queries), await top_keys(pg, queries), strict=True))
+    await pg.dispose()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines.append(f"PostgreSQL ({len(pg_id):,} records), load average {load}; same five results as SQLite: "
+                 f"{same} of {len(queries)} queries")
+    total = Result()
+    for kind in TYPES:
+        total.latencies += results[kind].latencies
+        total.hits += results[kind].hits
+        lines.append(f"{kind:14} {len(results[kind].latencies):>3} {results[kind].row()}")
+    lines.append(f"{'all':14} {len(total.latencies):>3} {total.row()}")
+    return lines
+
+
+def pymarc_floor(source: Path) -> tuple[int, float]:
+    """The floor of any import: one process merely iterating the file with pymarc, decoding every
+    record to Unicode (no mapping, no tokens, no database). Returns (records, seconds)."""
+    import pymarc
+
+    started = time.perf_counter()
+    count = 0
+    with gzip.open(source, "rb") if source.suffix == ".gz" else source.open("rb") as f:
+        for _record in pymarc.MARCReader(f, to_unicode=True, utf8_handling="replace"):
+            count += 1
+    return count, time.perf_counter() - started
+
+
 def slice_of(source: Path, limit: int, directory: Path) -> Path:
     """``limit`` records spread evenly over ``source`` (every k-th), bytes unchanged, in a file of
     their own: a slice with some of every kind of record (the Chinese ones are not at the start)."""
@@ -267,6 +334,11 @@ async def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--pg",
+        help="also PostgreSQL: a postgresql+asyncpg URL of a database of your own (the catalog is imported "
+        "into it when it holds no records, and kept)",
+    )
+    parser.add_argument(
         "--show-misses", action="store_true", help="list the queries the engine did not answer"
     )
     args = parser.parse_args()
@@ -281,12 +353,21 @@ async def main() -> None:
     async with db.session() as s:
         present = await s.scalar(select(func.count()).select_from(Record))
     import_seconds = None
+    floor: tuple[int, float] | None = None
     if not present:
         source = slice_of(args.data, args.limit, tmp) if args.limit else args.data
+        floor = pymarc_floor(source)
+        import_load = os.getloadavg()[0]
         started = time.perf_counter()
         report = await import_catalog(db, [source], progress=sys.stderr.isatty())
         import_seconds = time.perf_counter() - started
         print("\n".join(report.lines()[:5]))
+        print(
+            f"import {import_seconds:.1f} s against the floor of {floor[1]:.1f} s (one pymarc process iterating "
+            f"the {floor[0]:,} records with Unicode decoding, measured just before): "
+            f"{import_seconds / floor[1]:.2f}× the floor; load average {import_load:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end"
+        )
         async with db.session() as s:
             present = await s.scalar(select(func.count()).select_from(Record))
     async with db.engine.connect() as conn:
@@ -297,6 +378,7 @@ async def main() -> None:
     await engine(db, "warm up")  # first-query costs (OpenCC, pypinyin tables) are not search latency
     ours, misses = await measure(db, queries, engine)
     like, _ = await measure(db, queries, like_baseline)
+    pg_lines = await postgresql(args.pg, args.data, db, queries) if args.pg else []
 
     print()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -322,6 +404,8 @@ async def main() -> None:
         total_like.hits += like[kind].hits
         print(f"{kind:14} {len(r.latencies):>3} {r.row()} | {like[kind].row()}")
     print(f"{'all':14} {len(total_ours.latencies):>3} {total_ours.row()} | {total_like.row()}")
+    for line in pg_lines:
+        print(line)
     if args.show_misses:
         for q in misses:
             print(f"missed {q.kind}: {q.text!r} (record {q.target})")

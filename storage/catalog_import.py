@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,7 +44,14 @@ from storage.importers.marc import (
     read_xml,
     split_records,
 )
-from storage.search import document_tokens, issn_form, match_keys, record_terms, update_vocabulary
+from storage.search import (
+    document_tokens,
+    issn_form,
+    match_keys,
+    record_terms,
+    update_vocabulary,
+    warm_up,
+)
 
 BATCH = 1000
 
@@ -223,13 +230,15 @@ def record_row(b: BibRecord) -> dict[str, Any]:
 
 @dataclass
 class _Pending:
-    """A record ready to store: its row, how it is keyed, its identifiers (kind, value)."""
+    """A record ready to store: its row, how it is keyed, its identifiers (kind, value) and its
+    vocabulary terms (counted here, in the worker process, not by the one that writes)."""
 
     source: str
     position: int
     row: dict[str, Any]
     keyed_by: str
     identifiers: list[tuple[str, str]]
+    terms: list[str] = field(default_factory=list)
 
 
 def prepare(source: str, position: int, item: BibRecord | Skip) -> _Pending | Skip:
@@ -244,7 +253,8 @@ def prepare(source: str, position: int, item: BibRecord | Skip) -> _Pending | Sk
     identifiers += [("issn", f) for f in sorted({issn_form(v) or "" for v in item.issns}) if f]
     if item.lccn:
         identifiers.append(("lccn", item.lccn.lower()[:64]))
-    return _Pending(source, position, row, item.keyed_by, identifiers)
+    terms = list(record_terms(row["search_title"], row["search_author"], row["search_other"]))
+    return _Pending(source, position, row, item.keyed_by, identifiers, terms)
 
 
 def _identifiers(record_id: int, p: _Pending) -> list[dict[str, Any]]:
@@ -318,9 +328,7 @@ async def _write(session: AsyncSession, batch: list[_Pending]) -> tuple[int, int
         )
         for p in new:
             identifiers += _identifiers(ids[p.row["control_number"]], p)
-            vocabulary.update(
-                record_terms(p.row["search_title"], p.row["search_author"], p.row["search_other"])
-            )
+            vocabulary.update(p.terms)
     if changed:
         rows = []
         for p in changed:
@@ -329,9 +337,7 @@ async def _write(session: AsyncSession, batch: list[_Pending]) -> tuple[int, int
             rows.append({**row, "id": record_id, "updated_at": now})
             identifiers += _identifiers(record_id, p)
             vocabulary.subtract(record_terms(*old))
-            vocabulary.update(
-                record_terms(p.row["search_title"], p.row["search_author"], p.row["search_other"])
-            )
+            vocabulary.update(p.terms)
         await session.execute(update(Record), rows)
         await session.execute(
             delete(RecordIdentifier).where(RecordIdentifier.record_id.in_([r["id"] for r in rows]))
@@ -347,6 +353,8 @@ async def _flush(db: Database, batch: list[_Pending], report: ImportReport) -> N
         return
     try:
         async with db.session() as session:
+            if db.dialect == "sqlite":  # the indexes of a big catalog do not fit SQLite's default 2 MB
+                await session.execute(text(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}"))
             counts = await _write(session, batch)
     except SQLAlchemyError:
         # Find the record the database refuses: each alone, in its own transaction.
@@ -364,6 +372,8 @@ async def _flush(db: Database, batch: list[_Pending], report: ImportReport) -> N
     report.unchanged += counts[2]
     batch.clear()
 
+
+SQLITE_CACHE_KIB = 65536  # page cache of the importing connection
 
 PARALLEL_FROM = 4_000_000  # bytes: binary MARC files from this size are parsed in worker processes
 
@@ -449,6 +459,7 @@ async def _import_parallel(path: Path, fmt: str, workers: int, store: _Store, ba
     # Fork: the workers run pure parsing code and need nothing of this process but its modules;
     # spawn would re-run the calling script's main module in every worker.
     context = multiprocessing.get_context("fork")
+    warm_up()  # the tables every worker needs, built once here and shared by the fork
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque[asyncio.Future[list[_Pending | Skip]]] = deque()
 

@@ -44,6 +44,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import circulation as circ
@@ -51,7 +52,7 @@ from storage import csv_export
 from storage.catalog import Item, Record
 from storage.circulation import Hold, HoldStatus, Loan
 from storage.db import Database, retry_busy, utcnow
-from storage.outbox import Delivery, Priority, enqueue
+from storage.outbox import Delivery, Priority, enqueue, enqueue_many
 from storage.people import Reader, User
 from storage.policy import Policy
 
@@ -93,10 +94,10 @@ class CycleReport:
     overdue_notices: int = 0
     overdue_total: int = 0
     staff_digest: str = "no staff chat configured"
-    skipped_unreachable: int = 0  # digests not queued: the reader never pressed Start or blocked the bot
-    readers_unreachable: int = 0  # readers with loans whom the bot cannot reach (told in the staff digest)
     holds_expired: int = 0
     loans_purged: int = 0
+    skipped_unreachable: int = 0  # digests not queued: the reader never pressed Start or blocked the bot
+    readers_unreachable: int = 0  # readers with loans whom the bot cannot reach (told in the staff digest)
     seconds: float = 0.0
     peak_memory_mb: float | None = None
 
@@ -106,9 +107,9 @@ class CycleReport:
             f"  reader digests queued: {self.digests_queued} (already queued earlier: {self.digests_already_sent})",
             f"  loans due soon reminded: {self.due_soon}; overdue notices: {self.overdue_notices}; overdue loans in all: {self.overdue_total}",
             f"  staff digest: {self.staff_digest}",
+            f"  holds expired: {self.holds_expired}; returned loans erased from history: {self.loans_purged}",
             f"  readers the bot cannot reach (never pressed Start, or blocked it): {self.readers_unreachable} with loans;"
             f" digests not sent to them: {self.skipped_unreachable}",
-            f"  holds expired: {self.holds_expired}; returned loans erased from history: {self.loans_purged}",
             f"  took {self.seconds:.1f} s",
         ]
 
@@ -178,7 +179,7 @@ async def run_notice_cycle(
         horizon = circ.end_of_day(day + dt.timedelta(days=ahead), tz)
         source = _loan_sources.get(db)
         loans: Sequence[Any] = [] if source is not None else (
-            await s.execute(
+            await (await s.connection()).execute(  # plain rows, without the ORM's result machinery
                 select(
                     Loan.reader_id, Loan.due_at, Item.barcode, Item.item_type, Record.title,
                     Reader.card_number, Reader.name, Reader.category,
@@ -198,9 +199,6 @@ async def run_notice_cycle(
                 .order_by(Hold.expires_at, Hold.id)
             )
         ).all()
-        already = set(
-            await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.like(f"digest:{day.isoformat()}:%")))
-        )
         borrowers: set[int] = set() if source is not None else set(
             await s.scalars(select(Loan.reader_id).where(Loan.returned_at.is_(None)).distinct())
         )
@@ -215,11 +213,17 @@ async def run_notice_cycle(
     levels = set(policy.notices.overdue_levels)
     per_reader: dict[int, _ReaderNotices] = defaultdict(_ReaderNotices)
     overdue_rows: list[tuple[Any, ...]] = []
+    due_days: dict[dt.datetime, dt.date] = {}  # loans share due times (the end of a day): one conversion each
+    fines: dict[tuple[str, str, int], int] = {}
     for reader_id, due_at, barcode, item_type, title, card, name, category in loans:
-        due_day = circ.local_date(due_at, tz)
+        due_day = due_days.get(due_at)
+        if due_day is None:
+            due_day = due_days[due_at] = circ.local_date(due_at, tz)
         late = (day - due_day).days
         if late > 0:
-            fine = circ.fine_cents(late, policy.loan_rules(category, item_type))
+            fine = fines.get((category, item_type, late))
+            if fine is None:
+                fine = fines[(category, item_type, late)] = circ.fine_cents(late, policy.loan_rules(category, item_type))
             overdue_rows.append((barcode, title, card, name, due_day, late, fine))
             if late in levels:
                 per_reader[reader_id].overdue_levels.append(_Entry(title, barcode, due_day, late, fine))
@@ -237,7 +241,7 @@ async def run_notice_cycle(
             (title, circ.branch_name(policy, branch), deadline, (deadline - day).days <= warn)
         )
 
-    pending: list[tuple[int, str, dict[str, Any]]] = []
+    digests: list[tuple[int, str, list[_Entry], _ReaderNotices]] = []
     notified: set[int] = set()
     for chat_id, card_id, reminder_days, gone in users:
         notices = per_reader.get(card_id) if card_id is not None else None
@@ -253,30 +257,22 @@ async def run_notice_cycle(
             continue
         key = f"digest:{day.isoformat()}:{card_id}:{chat_id}"
         notified.add(card_id)
+        digests.append((chat_id, key, due_soon, notices))
+    report.readers_notified = len(notified)
+
+    already = await _queued_keys(db, [key for _, key, _, _ in digests])
+    pending: list[tuple[int, str, dict[str, Any]]] = []
+    for chat_id, key, due_soon, notices in digests:
         if key in already:
             report.digests_already_sent += 1
             continue
         report.due_soon += len(due_soon)
         report.overdue_notices += len(notices.overdue_levels)
         pending.append((chat_id, key, {"body": _reader_body(render, policy, due_soon, notices)}))
-    report.readers_notified = len(notified)
 
     for start in range(0, len(pending), BATCH):
         chunk = pending[start : start + BATCH]
-
-        @retry_busy
-        async def queue(chunk: Sequence[tuple[int, str, dict[str, Any]]] = chunk) -> int:
-            queued = 0
-            async with db.session() as s:
-                for chat_id, key, params in chunk:
-                    row = await enqueue(
-                        s, chat_id, "loans.digest", params, kind="notice", priority=Priority.BULK,
-                        buttons=[[["loans.btn_my_loans", "loans:show"]]], dedupe_key=key,
-                    )
-                    queued += row is not None
-            return queued
-
-        queued = await queue()
+        queued = await _queue_digests(db, chunk)
         report.digests_queued += queued
         report.digests_already_sent += len(chunk) - queued
 
@@ -292,6 +288,46 @@ async def run_notice_cycle(
         report.peak_memory_mb = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
     return report
+
+
+async def _queued_keys(db: Database, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` the outbox already has (looked up by its unique index, a batch at a time)."""
+    found: set[str] = set()
+    async with db.session() as s:
+        for start in range(0, len(keys), BATCH):
+            chunk = keys[start : start + BATCH]
+            found.update(await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.in_(chunk))))
+    return found
+
+
+@retry_busy
+async def _queue_digests(db: Database, chunk: Sequence[tuple[int, str, dict[str, Any]]]) -> int:
+    """Queue a batch of reader digests (chat id, dedupe key, params) in one multi-row insert;
+    returns how many were queued. Keys already in the outbox (another run queued them meanwhile)
+    are left out; should one appear between that check and the insert, the batch is checked again."""
+    async with db.session() as s:
+        for _attempt in range(3):
+            taken = set(
+                await s.scalars(select(Delivery.dedupe_key).where(Delivery.dedupe_key.in_([k for _, k, _ in chunk])))
+            )
+            keys = {chat_id: key for chat_id, key, _ in chunk if key not in taken}
+            bodies = {chat_id: params for chat_id, key, params in chunk if key not in taken}
+            try:
+                async with s.begin_nested():
+                    return await enqueue_many(
+                        s, list(keys), "loans.digest", bodies.__getitem__, kind="notice", priority=Priority.BULK,
+                        buttons=[[["loans.btn_my_loans", "loans:show"]]], dedupe_keys=keys.__getitem__,
+                    )
+            except IntegrityError:
+                continue
+        queued = 0  # a run racing this one batch after batch: one row at a time, each in a savepoint
+        for chat_id, key, params in chunk:
+            row = await enqueue(
+                s, chat_id, "loans.digest", params, kind="notice", priority=Priority.BULK,
+                buttons=[[["loans.btn_my_loans", "loans:show"]]], dedupe_key=key,
+            )
+            queued += row is not None
+        return queued
 
 
 def _money(policy: Policy, cents: int) -> str:
@@ -376,14 +412,11 @@ async def _staff_digest(
                       days=alert_days, serious=len(serious))
         if unreachable:
             head += "\n" + render(lang, "reach.staff_digest_unreachable", count=unreachable)
-        lines = [
-            render(lang, "loans.staff_digest_line", title=_esc(_short(title)), barcode=_esc(barcode), card=_esc(card),
-                   name=_esc(name), days=late)
-            for barcode, title, card, name, _due, late, _fine in serious
-        ]
         text = head
-        for n, line in enumerate(lines):
-            more = render(lang, "loans.staff_digest_more", count=len(lines) - n)
+        for n, (barcode, title, card, name, _due, late, _fine) in enumerate(serious):  # rendered until full
+            line = render(lang, "loans.staff_digest_line", title=_esc(_short(title)), barcode=_esc(barcode),
+                          card=_esc(card), name=_esc(name), days=late)
+            more = render(lang, "loans.staff_digest_more", count=len(serious) - n)
             if len(text) + len(line) + len(more) + 2 > CAPTION_LIMIT:
                 text += "\n" + more
                 break

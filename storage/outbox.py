@@ -195,12 +195,14 @@ async def enqueue_many(
     broadcast_id: int | None = None,
     dedupe_prefix: str | None = None,
     not_before: dt.datetime | None = None,
+    dedupe_keys: Callable[[int], str] | None = None,
 ) -> int:
     """Queue the same message to many chats in one multi-row INSERT; the number of rows.
 
     ``params`` and ``buttons`` may be functions of the chat id. With ``dedupe_prefix`` each row's
-    dedupe key is ``f"{dedupe_prefix}{chat_id}"``; the caller makes sure none exists yet (the whole
-    insert fails otherwise, which is the right outcome for a broadcast confirmed twice).
+    dedupe key is ``f"{dedupe_prefix}{chat_id}"`` (with ``dedupe_keys``, ``dedupe_keys(chat_id)``);
+    the caller makes sure none exists yet (the whole insert fails otherwise, which is the right
+    outcome for a broadcast confirmed twice).
     """
     if not chat_ids:
         return 0
@@ -213,7 +215,11 @@ async def enqueue_many(
             "text_key": text_key,
             "params": params(chat_id) if callable(params) else params,
             "buttons": buttons(chat_id) if callable(buttons) else buttons,
-            "dedupe_key": f"{dedupe_prefix}{chat_id}" if dedupe_prefix is not None else None,
+            "dedupe_key": (
+                dedupe_keys(chat_id)
+                if dedupe_keys is not None
+                else f"{dedupe_prefix}{chat_id}" if dedupe_prefix is not None else None
+            ),
             "broadcast_id": broadcast_id,
             "state": DeliveryState.QUEUED.value,
             "attempts": 0,

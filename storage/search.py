@@ -293,6 +293,14 @@ def text_tokens(text: str, *, pinyin: bool = False, syllables: bool = False) -> 
     return out
 
 
+def warm_up() -> None:
+    """Build the tables tokenising needs (OpenCC, every reading of every Han character) now, e.g.
+    once before forking worker processes rather than once in each."""
+    _t2s()
+    _readings()
+    _pinyin("中文")
+
+
 def pinyin_of(text: str) -> str:
     """The toneless pinyin of the Han characters of ``text``, syllables spaced ("" without Han)."""
     return " ".join(_pinyin(text)) if _HAN.search(text) else ""
@@ -311,6 +319,15 @@ def isbn_forms(value: str) -> list[str]:
     """The searchable forms of an ISBN: ISBN-13 and, where one exists, ISBN-10 ("957-11-1784-6" →
     ["9789571117843", "9571117846"]). An ISBN with a wrong check digit is kept as it is written;
     anything else gives []."""
+    return list(_isbn_forms(value))  # an import asks twice per ISBN (mapping, then tokens)
+
+
+@functools.lru_cache(maxsize=4096)
+def _isbn_forms(value: str) -> tuple[str, ...]:
+    return tuple(_uncached_isbn_forms(value))
+
+
+def _uncached_isbn_forms(value: str) -> list[str]:
     try:
         code = stdnum_isbn.compact(value, convert=False).lower() if value else ""
     except Exception:
@@ -460,6 +477,38 @@ _PG_INDEX = [
 _PG_DROP = ["DROP INDEX IF EXISTS ix_records_search_title", "DROP INDEX IF EXISTS ix_records_search_all"]
 
 
+# Revision 0013: the same vectors stored in generated columns, GIN-indexed (PostgreSQL only).
+PG_TITLE_COLUMN, PG_ALL_COLUMN = "search_title_vector", "search_vector"
+_PG_VECTORS = [
+    *_PG_DROP,
+    f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_TITLE_COLUMN} tsvector "
+    f"GENERATED ALWAYS AS ({PG_TITLE_VECTOR}) STORED",
+    f"ALTER TABLE records ADD COLUMN IF NOT EXISTS {PG_ALL_COLUMN} tsvector GENERATED ALWAYS AS ({PG_ALL_VECTOR}) STORED",
+    f"CREATE INDEX IF NOT EXISTS ix_records_search_title ON records USING gin ({PG_TITLE_COLUMN})",
+    f"CREATE INDEX IF NOT EXISTS ix_records_search_all ON records USING gin ({PG_ALL_COLUMN})",
+]
+_PG_VECTORS_DROP = [
+    *_PG_DROP,
+    f"ALTER TABLE records DROP COLUMN IF EXISTS {PG_TITLE_COLUMN}",
+    f"ALTER TABLE records DROP COLUMN IF EXISTS {PG_ALL_COLUMN}",
+    *_PG_INDEX,
+]
+
+
+def create_search_vectors(connection: Connection) -> None:
+    """Store the search vectors in generated columns and index those (migration 0013; PostgreSQL)."""
+    if connection.dialect.name == "postgresql":
+        for statement in _PG_VECTORS:
+            connection.exec_driver_sql(statement)
+
+
+def drop_search_vectors(connection: Connection) -> None:
+    """Back to the expression indexes of migration 0002."""
+    if connection.dialect.name == "postgresql":
+        for statement in _PG_VECTORS_DROP:
+            connection.exec_driver_sql(statement)
+
+
 def create_search_index(connection: Connection) -> None:
     """Create the full-text index over the records' token strings (migration 0002): FTS5 and its
     triggers on SQLite, GIN expression indexes on PostgreSQL. Existing records are indexed."""
@@ -544,6 +593,8 @@ MAX_GROUPS = 12  # at most this many words go to the database; the rest only rer
 CANDIDATES = 200  # records fetched per candidate query
 ENOUGH = 50  # title matches that make the all-fields query unnecessary
 MAX_RESULTS = 100  # results a search returns over all its pages
+CLOSE = 90  # similarity to the query of a result from which no further typo is suspected
+RARE = 1_000  # a known word in fewer records than this may still be a typo of a more frequent one
 COMMON = 20_000  # a word in more records than this is left to the reranking (when rarer words exist)
 _MIN_FUZZY, _MAX_FUZZY = 4, 24  # words shorter or longer than this are not corrected
 _ALPHABETS = ("abcdefghijklmnopqrstuvwxyz", "абвгдеёжзийклмнопрстуфхцчшщъыьэюя", "αβγδεζηθικλμνξοπρστυφχψω")
@@ -719,10 +770,15 @@ def _fuzzy(word: str) -> bool:
     return _MIN_FUZZY <= len(word) <= _MAX_FUZZY
 
 
-async def _add_corrections(session: AsyncSession, groups: Sequence[Group], per_word: int = 5) -> None:
-    """Add to each group the catalog words one edit away from it (the most frequent first)."""
+async def _add_corrections(
+    session: AsyncSession, groups: Sequence[Group], per_word: int = 5, max_df: int | None = None
+) -> None:
+    """Add to each group the catalog words one edit away from it (the most frequent first; none in
+    more than ``max_df`` records when given)."""
     edits = {g.word: _edits(g.word) for g in groups}
     df = await _frequencies(session, {e for es in edits.values() for e in es})
+    if max_df is not None:
+        df = {e: n for e, n in df.items() if n <= max_df}
     for g in groups:
         found = sorted((e for e in edits[g.word] if e in df), key=lambda e: (-df[e], e))[:per_word]
         known = set(g.everything)
@@ -757,9 +813,9 @@ async def _match(
     if not groups:
         return []
     if _dialect(session) == "postgresql":
-        vector = PG_TITLE_VECTOR if title_only else PG_ALL_VECTOR
+        vector = PG_TITLE_COLUMN if title_only else PG_ALL_COLUMN
         statement = (
-            f"SELECT r.id FROM records r WHERE {vector.replace('search_', 'r.search_')} "
+            f"SELECT r.id FROM records r WHERE r.{vector} "
             "@@ CAST(:q AS tsquery) ORDER BY r.title_length, r.id LIMIT :k"
         )
         params: dict[str, object] = {"q": _tsquery(groups), "k": limit}
@@ -926,13 +982,21 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
     exact_title = any(_rank(plan, c)[0] == 5 for c in found.values())
     if len(found) < ENOUGH and not exact_title:
         await take(await _match(session, groups, title_only=False))
-    if not found and not identifiers:
-        # Nothing: maybe a typo made another real word, or one word is not in the record.
-        known = [g for g in groups if not g.identifier and not g.fixes and _fuzzy(g.word)]
+    best = max((_rank(plan, c) for c in found.values()), default=(0, 0.0))
+    if not identifiers and best[0] < 3 and best[1] < CLOSE:
+        # No title has every word, and nothing found is as close as a typo away: maybe a typo
+        # made another, rarer real word ("horse thie", "boin in italia", "a fac in the water"); its
+        # frequent neighbours are tried too, in the shortest titles.
+        known = [
+            g for g in groups
+            if not g.identifier and not g.fixes and g.df < RARE and _MIN_FUZZY - 1 <= len(g.word) <= _MAX_FUZZY
+        ]
         if known:
-            await _add_corrections(session, known, per_word=3)
+            await _add_corrections(session, known, per_word=24, max_df=COMMON)  # not "the" for "thie"
             if any(g.fixes for g in known):
-                await take(await _match(session, groups, title_only=False))
+                await take(await _match(session, groups, title_only=True, limit=ENOUGH))
+                if not found:
+                    await take(await _match(session, groups, title_only=False))
         if not found:
             await take(await _match_all_but_one(session, groups[:6]))
     ranked = sorted(found.values(), key=lambda c: (*(-x for x in _rank(plan, c)), c.id))

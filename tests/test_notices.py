@@ -17,12 +17,13 @@ from storage.circulation import Hold, HoldStatus, Loan
 from storage.db import Database
 from storage.notices import (
     REMINDER_CHOICES,
+    _queue_digests,
     level_bands,
     reminder_days_of,
     run_notice_cycle,
     set_reminder_days,
 )
-from storage.outbox import Delivery
+from storage.outbox import Delivery, enqueue
 from storage.policy import Policy
 from tests.circ_helpers import card, outbox, title
 
@@ -275,3 +276,25 @@ async def test_no_overdue_loans_no_staff_digest(db: Database) -> None:
     assert report.staff_digest == "nothing overdue, not sent" and report.digests_queued == 1
     async with db.session() as s:
         assert await outbox(s, STAFF_CHAT) == []
+
+
+async def test_digests_are_queued_in_batches_and_a_key_queued_meanwhile_is_left_out(db: Database) -> None:
+    async with db.session() as s:
+        readers = [await card(s, f"B{n}", telegram_id=300 + n) for n in range(4)]
+    for n, reader in enumerate(readers):
+        await loan_due(db, reader.id, f"B{n}", -1)
+    # Another run queued the first reader's digest already.
+    async with db.session() as s:
+        await enqueue(s, 300, "loans.digest", {"body": {"en": "x", "zh": "x"}},
+                      dedupe_key=f"digest:{DAY.isoformat()}:{readers[0].id}:300")
+    report = await cycle(db)
+    assert (report.digests_queued, report.digests_already_sent) == (3, 1)
+    # A batch whose insert is refused (here: the same key twice) falls back to one row at a time.
+    key = f"digest:{DAY.isoformat()}:race"
+    params = {"body": {"en": "y", "zh": "y"}}
+    assert await _queue_digests(db, [(401, key, params), (402, key, params)]) == 1
+    async with db.session() as s:
+        rows = (await s.execute(select(Delivery.chat_id, Delivery.dedupe_key).where(Delivery.chat_id > 0))).all()
+    keys = [k for _, k in rows]
+    assert len(keys) == len(set(keys)) == 5
+    assert sorted(c for c, _ in rows) == [300, 301, 302, 303, 401]

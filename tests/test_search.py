@@ -320,3 +320,20 @@ async def test_the_same_results_on_both_databases(catalog: Database, tmp_path: P
             assert await numbers(catalog, query, limit=20) == await numbers(lite, query, limit=20), query
     finally:
         await lite.dispose()
+
+
+async def test_a_typo_that_makes_another_real_word_is_still_corrected(db: Database, tmp_path: Path) -> None:
+    # "thie" is a word of the catalog (a rare one) and its frequent neighbours ("the", "this",
+    # "then", "they", "tie") outnumber "thief": the title meant is found all the same, first.
+    lines = ["title,author", "Horse thief,", "Thie family papers,"]
+    lines += [f"{w} {n} {w},Smith" for n in range(3) for w in ("the", "this", "then", "they", "tie", "thin")]
+    lines += [f"Horse {w},Doe" for w in ("the", "this", "then", "they", "tie", "thin")]
+    path = tmp_path / "typos.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = await import_catalog(db, [path], progress=False)
+    assert report.skipped == 0
+    async with db.session() as s:
+        hits = (await search(s, "horse thie")).hits
+        assert hits[0].title == "Horse thief", [h.title for h in hits]
+        # A query whose words a record has, as typed, is not second-guessed.
+        assert [h.title for h in (await search(s, "thie family")).hits] == ["Thie family papers"]
