@@ -88,7 +88,7 @@ def _hint(context: ContextTypes.DEFAULT_TYPE, lang: str, loan: LoanView) -> str:
     if loan.renewable or loan.refusal is None or loan.refusal == RenewalRefused.TOO_EARLY:
         return ""
     refusal = RenewalOutcome(loan.barcode, loan.title, False, None, loan.refusal,
-                             details={"renewals": loan.renewals, "max_renewals": loan.max_renewals})
+                             details={"renewals": loan.renewals, "max_renewals": loan.max_renewals, **loan.refusal_details})
     return t(lang, "loans.list_item_not_renewable", reason=_reason(context, lang, refusal))
 
 

@@ -70,6 +70,7 @@ class LoanView:
     renewable: bool
     refusal: RenewalRefused | None = None
     currency: str = ""
+    refusal_details: dict[str, Any] = field(default_factory=dict)  # the numbers that explain ``refusal``
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ class LocalCirculation:
                         renewable=result.ok,
                         refusal=result.reason,
                         currency=self.policy.circulation.currency,
+                        refusal_details=dict(result.details),
                     )
                 )
             return views
