@@ -23,9 +23,9 @@ from bot.context import services, who
 from bot.ui import answer, edit, escape, reply
 from storage.ils import CirculationUnavailable
 from storage.people import (
+    LOCK_DURATION,
     InviteOutcome,
     LoginOutcome,
-    LOCK_DURATION,
     Role,
     linked_accounts,
     login,

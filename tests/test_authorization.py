@@ -23,6 +23,7 @@ from tests.auxil.chat import Chat, relax_flood_control, texts
 from tests.auxil.people import add_card, make_person, others_private_strings, seed_library
 
 NOT_ALLOWED = t("en", "common.not_allowed")
+DUTY_ONLY = t("en", "common.duty_only")
 NEEDS_LOGIN = t("en", "common.needs_login")
 UNKNOWN = t("en", "common.unknown_command")
 STALE = t("en", "common.stale_button")
@@ -93,7 +94,9 @@ async def test_staff_and_duty_commands_refuse_every_lower_role(bot_env: Embedded
         for uid, chat in sorted(people.items(), key=lambda item: ROLE_OF[item[0]]):
             shown = [m["text"] for m in await chat.send(f"/{command}")]
             if ROLE_OF[uid] < needed and command not in READER_COMMANDS:
-                assert shown == [NOT_ALLOWED], (command, ROLE_OF[uid].label, shown)
+                # staff asking for a duty officer's command are told whom it is for (#20)
+                refusal = DUTY_ONLY if ROLE_OF[uid] >= Role.STAFF else NOT_ALLOWED
+                assert shown == [refusal], (command, ROLE_OF[uid].label, shown)
                 continue
             if before is not None:
                 assert await digest(bot_env.db) == before, command
