@@ -12,7 +12,17 @@ from sqlalchemy import func, select
 
 from bot.embedded import EmbeddedBot
 from storage.outbox import Delivery
-from tests.test_broadcast_e2e import DUTY, READERS_EN, READERS_ZH, STAFF, STAFF_ZH, finished, latest, setup, watch
+from tests.test_broadcast_e2e import (
+    DUTY,
+    READERS_EN,
+    READERS_ZH,
+    STAFF,
+    STAFF_ZH,
+    finished,
+    latest,
+    setup,
+    watch,
+)
 
 
 async def test_edits_answers_help_and_an_editable_all_clear(bot_env: EmbeddedBot) -> None:
