@@ -171,15 +171,20 @@ def parse_ticket_number(text: str) -> int | None:
 class TextProblem(enum.StrEnum):
     EMPTY = "empty"
     TOO_LONG = "too_long"
+    NO_WORDS = "no_words"  # only emoji, signs or punctuation: nothing staff could act on
 
 
-def text_problem(text: str | None, *, photo: bool = False) -> TextProblem | None:
-    """Why a ticket text or message cannot be taken (None when it can). A photo may stand alone."""
+def text_problem(text: str | None, *, photo: bool = False, words: bool = False) -> TextProblem | None:
+    """Why a ticket text or message cannot be taken (None when it can). A photo may stand alone.
+
+    ``words``: the text must hold at least one letter or digit (any script), as a new ticket's must."""
     stripped = (text or "").strip()
     if not stripped and not photo:
         return TextProblem.EMPTY
     if len(stripped) > MAX_TEXT:
         return TextProblem.TOO_LONG
+    if words and stripped and not any(ch.isalnum() for ch in stripped):
+        return TextProblem.NO_WORDS
     return None
 
 
@@ -418,9 +423,9 @@ async def file_ticket(
         return Filed(refused=FileRefused.BAD_CATEGORY)
     if place and place not in {p.code for p in policy.library.places}:
         return Filed(refused=FileRefused.BAD_PLACE)
-    problem = text_problem(text)
+    problem = text_problem(text, words=True)
     if problem is not None:
-        return Filed(refused=FileRefused.EMPTY if problem is TextProblem.EMPTY else FileRefused.TOO_LONG)
+        return Filed(refused=FileRefused.TOO_LONG if problem is TextProblem.TOO_LONG else FileRefused.EMPTY)
     if not await may_file(session, requester_id, policy, now):
         return Filed(refused=FileRefused.DAILY_LIMIT)
     reader = await reader_of(session, requester_id)

@@ -506,3 +506,11 @@ async def test_seed_demo_has_tickets_in_several_states(db: Database) -> None:
         assert queue and is_late(queue[0], T0)
         stats = await ticket_stats(s, None, None, T0)
         assert stats.ratings >= 1
+
+
+def test_a_new_ticket_needs_words_in_any_script() -> None:
+    """#20: a complaint of emoji only was accepted."""
+    assert text_problem("😡😡 !!", words=True) is TextProblem.NO_WORDS
+    assert text_problem("😡 打印机坏了", words=True) is None
+    assert text_problem("3", words=True) is None
+    assert text_problem("😡😡") is None  # a reply in a running conversation may be an emoji
