@@ -267,7 +267,7 @@ class LocalCirculation:
                 rules = self.policy.loan_rules(reader.category, row.item.item_type)
                 late = circ.overdue_days(row.loan.due_at, now, self.tz)
                 result = circ.renew(
-                    circ.LoanTerms(row.loan.due_at, row.loan.renewals, row.item.item_type),
+                    circ.LoanTerms(row.loan.due_at, row.loan.renewals, row.item.item_type, renewed_at=row.loan.renewed_at),
                     circ.standing(reader, fines),
                     self.policy,
                     now,

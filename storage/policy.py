@@ -52,6 +52,7 @@ class LoanRules(_Strict):
     fine_per_day: float | None = Field(default=None, ge=0)
     fine_limit: float | None = Field(default=None, ge=0)
     min_days_before_due: int | None = Field(default=None, ge=0)
+    min_days_between_renewals: int | None = Field(default=None, ge=0)
 
 
 class Circulation(_Strict):
@@ -64,6 +65,9 @@ class Circulation(_Strict):
     fine_limit: float = Field(default=10.0, ge=0)
     # Renewal refused when the due date is further away than this (0 = renew any time).
     min_days_before_due: int = Field(default=0, ge=0)
+    # A loan renewed less than this many days ago is not renewed again (0 = no minimum): two presses
+    # a minute apart must not move the due date two periods out.
+    min_days_between_renewals: int = Field(default=1, ge=0)
     hold_shelf_days: int = Field(default=7, ge=1)
     non_loanable_types: list[str] = ["reference"]
     non_renewable_types: list[str] = ["reserve"]
