@@ -153,6 +153,11 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
         return
     user_data[QUERY] = query
     key, params, buttons = _results_message(me, results, 0)
+    if not results.matched_all:
+        # Only similar titles: the library probably lacks it. Say so, and offer ILL above them.
+        user_data[ILL_PREFILL] = query
+        params["lines"] = t(me.lang, "search.partial_only", query=escape(query)) + "\n\n" + str(params["lines"])
+        buttons = [[("search.ill_button", "ill:new")], *buttons]
     sent = await reply(update, context, key, buttons=buttons, lang=me.lang, **params)
     # Each result list pages through its own query, also after a newer search.
     remembered = user_data.get(QUERIES)
