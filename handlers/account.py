@@ -20,6 +20,7 @@ from telegram.ext import (
 
 from bot.commands import set_personal_menu
 from bot.context import services, who
+from bot.i18n import t
 from bot.ui import answer, edit, escape, reply
 from storage.ils import CirculationUnavailable
 from storage.people import (
@@ -332,7 +333,8 @@ async def hours(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     me = await who(update, context)
     library = services(context).policy.library
     zh = me.lang == "zh"
-    lines = "\n".join(f"• {d.days_zh if zh else d.days_en}: {d.hours}" for d in library.hours)
+    lines = "\n".join("• " + t(me.lang, "common.label_value", label=d.days_zh if zh else d.days_en, value=d.hours)
+                      for d in library.hours)
     await reply(
         update, context, "account.hours", lang=me.lang,
         library=escape(library.name_zh if zh else library.name_en),

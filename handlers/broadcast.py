@@ -96,13 +96,18 @@ def text_limit() -> int:
     return MAX_TEXT - overhead
 
 
+def number(lang: str, value: int) -> str:
+    """A count as each language writes it: "4,043" in English, "4043" in Chinese."""
+    return f"{value:,}" if lang == "en" else str(value)
+
+
 def _drill(lang: str, drill: bool) -> str:
     return t(lang, "broadcast.drill_mark") + " " if drill else ""
 
 
 def _type_label(lang: str, emergency_type: str, purpose: str = "alert") -> str:
     label = t(lang, f"broadcast.type_{emergency_type}")
-    return f"{t(lang, 'broadcast.type_allclear')}: {label}" if purpose == "allclear" else label
+    return t(lang, "common.label_value", label=t(lang, "broadcast.type_allclear"), value=label) if purpose == "allclear" else label
 
 
 def _template_marks(lang: str, edited: list[str], *, note: bool = True) -> dict[str, str]:
@@ -237,16 +242,16 @@ async def text_action(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str
     await answer(update, context, lang=me.lang)
     if action in ("ez", "ee"):
         draft["editing"] = "zh" if action == "ez" else "en"
-        await reply(update, context, f"broadcast.ask_text_{draft['editing']}", lang=me.lang, limit=f"{text_limit():,}")
+        await reply(update, context, f"broadcast.ask_text_{draft['editing']}", lang=me.lang, limit=number(me.lang, text_limit()))
         return EDIT
     for text in (draft["zh"], draft["en"]):  # a policy template may be long too
         if utf16_len(text) > text_limit():
-            await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=f"{utf16_len(text):,}", limit=f"{text_limit():,}")
+            await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
             return TEXT
     async with services(context).db.session() as session:
         counts = await audience_counts(session)
     rows: list[list[Button]] = [
-        [("=" + t(me.lang, f"broadcast.btn_aud_{audience}", count=f"{counts[audience]:,}"), f"em:a:{audience}")]
+        [("=" + t(me.lang, f"broadcast.btn_aud_{audience}", count=number(me.lang, counts[audience])), f"em:a:{audience}")]
         for audience in AUDIENCES
     ]
     await edit(update, context, "broadcast.ask_audience", lang=me.lang, buttons=[*rows, [("common.cancel", "em:x")]])
@@ -266,7 +271,7 @@ async def edited_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str
         await reply(update, context, "broadcast.text_empty", lang=me.lang)
         return EDIT
     if utf16_len(text) > text_limit():
-        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=f"{utf16_len(text):,}", limit=f"{text_limit():,}")
+        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
         return EDIT
     editing = draft.pop("editing")
     draft[editing] = text
@@ -313,7 +318,7 @@ async def chose_audience(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
 
 
 async def _preview(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast, marks: dict[str, str]) -> None:
-    count = f"{broadcast.recipients:,}"
+    count = number(lang, broadcast.recipients)
     confirm_key = "broadcast.btn_confirm_drill" if broadcast.drill else "broadcast.btn_confirm"
     buttons: list[list[Button]] = [
         [("=" + t(lang, confirm_key, count=count), f"bc:go:{broadcast.id}")],
@@ -377,16 +382,16 @@ def progress_text(lang: str, broadcast: Broadcast, stats: DeliveryStats, elapsed
     """The duty officer's progress message: live counts, rate and ETA; the summary once done."""
     params = {
         "drill": _drill(lang, broadcast.drill), "id": broadcast.id,
-        "type": _type_label(lang, broadcast.emergency_type, broadcast.purpose), "sent": f"{stats.sent:,}",
-        "total": f"{max(stats.total, broadcast.recipients):,}", "failed": f"{stats.failed:,}",
-        "unreachable": f"{stats.unreachable:,}",
+        "type": _type_label(lang, broadcast.emergency_type, broadcast.purpose), "sent": number(lang, stats.sent),
+        "total": number(lang, max(stats.total, broadcast.recipients)), "failed": number(lang, stats.failed),
+        "unreachable": number(lang, stats.unreachable),
     }
     if elapsed is not None:
         t90 = duration(lang, stats.time_to_90) if stats.time_to_90 is not None else t(lang, "incidents.not_reached")
         return t(lang, "broadcast.progress_done", elapsed=duration(lang, elapsed), t90=t90, **params)
     eta = stats.eta
     return t(
-        lang, "broadcast.progress", pending=f"{stats.pending:,}", rate=f"{stats.rate:.1f}",
+        lang, "broadcast.progress", pending=number(lang, stats.pending), rate=f"{stats.rate:.1f}",
         eta=duration(lang, eta) if eta is not None else t(lang, "broadcast.eta_unknown"), **params,
     )
 
@@ -487,7 +492,7 @@ async def _show_allclear(
     update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast, edited: list[str]
 ) -> None:
     """The all-clear's preview: both texts (each editable) and the confirmation naming the count."""
-    count = f"{broadcast.recipients:,}"
+    count = number(lang, broadcast.recipients)
     buttons: list[list[Button]] = [
         [("=" + t(lang, "broadcast.btn_allclear_confirm", count=count), f"bc:go:{broadcast.id}")],
         [("broadcast.btn_edit_zh", f"bc:ez:{broadcast.id}"), ("broadcast.btn_edit_en", f"bc:ee:{broadcast.id}")],
@@ -514,7 +519,7 @@ async def allclear_edit(update: Update, context: ContextTypes.DEFAULT_TYPE) -> s
     edited = state.get("edited", []) if state.get("id") == broadcast_id else []
     context.user_data[ALLCLEAR] = {"id": broadcast_id, "editing": editing, "edited": edited}
     await answer(update, context, lang=me.lang)
-    await reply(update, context, f"broadcast.ask_text_{editing}", lang=me.lang, limit=f"{text_limit():,}")
+    await reply(update, context, f"broadcast.ask_text_{editing}", lang=me.lang, limit=number(me.lang, text_limit()))
     return ALLCLEAR_EDIT
 
 
@@ -528,7 +533,7 @@ async def allclear_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
         await reply(update, context, "broadcast.text_empty", lang=me.lang)
         return ALLCLEAR_EDIT
     if utf16_len(text) > text_limit():
-        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=f"{utf16_len(text):,}", limit=f"{text_limit():,}")
+        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
         return ALLCLEAR_EDIT
     svc = services(context)
     async with svc.db.session() as session:

@@ -347,8 +347,8 @@ def report_view(lang: str, policy: Policy, tz: Any, report: IncidentReport) -> t
         parts.append(
             t(
                 lang, "incidents.report_broadcast", purpose=t(lang, f"incidents.purpose_{b.purpose}"), bid=b.id,
-                audience=t(lang, f"broadcast.aud_{b.audience}"), when=when, total=f"{s.total:,}", sent=f"{s.sent:,}",
-                failed=f"{s.failed:,}", unreachable=f"{s.unreachable:,}", pending=f"{s.pending:,}",
+                audience=t(lang, f"broadcast.aud_{b.audience}"), when=when, total=_number(lang, s.total), sent=_number(lang, s.sent),
+                failed=_number(lang, s.failed), unreachable=_number(lang, s.unreachable), pending=_number(lang, s.pending),
                 t90=duration(lang, s.time_to_90) if s.time_to_90 is not None else t(lang, "incidents.not_reached"),
             )
         )
@@ -406,6 +406,11 @@ async def close_with_note(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
         log.info("incident %s closed by user %s", incident_id, me.user_id)
         await reply(update, context, "incidents.closed_done", lang=me.lang, id=incident_id)
     return ConversationHandler.END
+
+
+def _number(lang: str, value: int) -> str:
+    """A count as each language writes it: "4,043" in English, "4043" in Chinese."""
+    return f"{value:,}" if lang == "en" else str(value)
 
 
 def duration(lang: str, value: Any) -> str:

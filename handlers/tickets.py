@@ -56,7 +56,7 @@ from storage.tickets import (
     history,
     is_late,
     is_watching,
-    late_by_text,
+    late_by_words,
     may_file,
     parse_ticket_number,
     place_label,
@@ -672,7 +672,7 @@ async def _show_queue(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Wh
     counts = {s: sum(1 for x in queue if x.status == s) for s in ACTIVE}
     lines = []
     for x in chunk:
-        late = t(me.lang, "tickets.late_mark", late=late_by_text(now - x.respond_by)) if is_late(x, now) else ""
+        late = t(me.lang, "tickets.late_mark", late=late_by_words(now - x.respond_by, me.lang)) if is_late(x, now) else ""
         holder = escape(owners[x.assignee_id]) if x.assignee_id else t(me.lang, "tickets.nobody")
         lines.append(t(
             me.lang, "tickets.queue_line", late=late, number=x.number, category=t(me.lang, f"tickets.cat_{x.category}"),
@@ -741,7 +741,7 @@ async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who
     }
     rows: list[list[Button]] = []
     if staff:
-        late = t(lang, "tickets.card_late", late=late_by_text(now - ticket.respond_by)) if is_late(ticket, now) else ""
+        late = t(lang, "tickets.card_late", late=late_by_words(now - ticket.respond_by, lang)) if is_late(ticket, now) else ""
         body = t(lang, "tickets.card_staff", **common, due=_local(ticket.respond_by, context), late=late,
                  who=_who_for_staff(ticket, lang), assignee=escape(assignee) if assignee else t(lang, "tickets.nobody"))
         if ticket.status == TicketStatus.NEW:

@@ -153,7 +153,7 @@ def _default_templates() -> dict[str, Template]:
             en="FIRE at {place}. Leave the building now by the nearest exit. Do not use the lifts. Follow staff instructions. ({time})",
         ),
         "flood": Template(
-            zh="【水浸】{place}出现水浸。请远离该区域并保管好个人物品，听从工作人员指挥。（{time}）",
+            zh="【漏水】{place}出现漏水积水。请远离该区域并保管好个人物品，听从工作人员指挥。（{time}）",
             en="FLOODING at {place}. Keep away from the area and follow staff instructions. ({time})",
         ),
         "earthquake": Template(

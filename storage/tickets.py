@@ -708,6 +708,18 @@ class Late:
     late_by: dt.timedelta
 
 
+# (with hours, minutes only, "late by") in each language: the escalation is written here, for both
+_LATE_WORDS = {"zh": ("{h} 小时 {m} 分钟", "{m} 分钟", "超时 {t}"), "en": ("{h} h {m} min", "{m} min", "{t} late")}
+
+
+def late_by_words(delta: dt.timedelta, lang: str, *, said: bool = False) -> str:
+    """A lateness in words, in ``lang``: "6 小时 33 分钟", "6 h 33 min" (``said``: "超时 …", "… late")."""
+    minutes = max(0, int(delta.total_seconds() // 60))
+    with_hours, minutes_only, late = _LATE_WORDS["zh" if lang == "zh" else "en"]
+    text = (with_hours if minutes >= 60 else minutes_only).format(h=minutes // 60, m=minutes % 60)
+    return late.format(t=text) if said else text
+
+
 def late_by_text(delta: dt.timedelta) -> str:
     """A lateness as ``h:mm`` (the same in both languages)."""
     minutes = max(0, int(delta.total_seconds() // 60))
@@ -749,7 +761,7 @@ async def escalate_late(
         chunk = late[start : start + limit]
         lines = {
             lang: "\n".join(
-                f"• {item.ticket.number} · {_in(lang, labels.category(item.ticket.category))} · +{late_by_text(item.late_by)}"
+                f"• {item.ticket.number} · {_in(lang, labels.category(item.ticket.category))} · {late_by_words(item.late_by, lang, said=True)}"
                 + (f" · {clip(owners[item.ticket.assignee_id], 60)}" if item.ticket.assignee_id else "")
                 for item in chunk
             )

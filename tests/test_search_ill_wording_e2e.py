@@ -11,7 +11,7 @@ from bot.embedded import STAFF_CHAT_ID, EmbeddedBot
 from storage.db import Database
 from storage.people import Reader, Role, User, add_staff
 from tests.auxil.chat import relax_flood_control
-from tests.test_ill_e2e import quick_loan, tap
+from tests.test_ill_e2e import arrived, quick_loan, tap
 from tests.test_search_e2e import catalog
 
 READER, STAFF = 7401, 9001
@@ -64,7 +64,7 @@ async def test_the_ill_holding_check_folds_traditional_and_simplified(bot_env: E
     assert "ILL-000001" in await quick_loan(fang, "A book nobody has")
     group = await bot_env.person(STAFF, chat_id=STAFF_CHAT_ID, language_code="zh")
     await group.__aenter__()
-    alert = (await group.wait_for(lambda m: "ILL-000001" in (m["text"] or "")))[-1]
+    alert = await arrived(group, lambda m: "ILL-000001" in (m["text"] or ""))
     await group.press_data(alert["message_id"], "illmv:1:submitted:in_review", expect=False)
     toast = (group.last_callback_answer or {}).get("text", "")
     assert toast.startswith("已更新：当前状态为") and "已完成" not in toast, toast
