@@ -357,8 +357,9 @@ async def test_escalation_once_per_ticket(db: Database) -> None:
         assert [item.ticket.id for item in later] == [fresh.id]  # only the one late since; none twice
     alerts = [r for r in await outbox(db) if r.text_key == "tickets.escalation"]
     assert alerts[0].chat_id == STAFF_CHAT and alerts[0].params["count"] == 2
-    assert alerts[0].params["lines"]["en"] == "• T-000001 · Environment · +2:30\n• T-000002 · Service · +1:30 · Li Na"
-    assert alerts[0].params["lines"]["zh"].startswith("• T-000001 · 环境 · +2:30")
+    # lateness in words in each language (#20: "🔴 +6:33" said nothing)
+    assert alerts[0].params["lines"]["en"] == "• T-000001 · Environment · 2 h 30 min late\n• T-000002 · Service · 1 h 30 min late · Li Na"
+    assert alerts[0].params["lines"]["zh"].startswith("• T-000001 · 环境 · 超时 2 小时 30 分钟")
     assert alerts[0].buttons == [[["=✋ T-000001", "tk:claim:1"]]]  # only the unclaimed one can be claimed
     assert fresh.id not in [item.ticket.id for item in late]
 
