@@ -161,17 +161,20 @@ async def login_interrupted(update: Update, context: ContextTypes.DEFAULT_TYPE) 
     conversation passes it on to the first other handler of its group that takes it)."""
     context.user_data.pop("login_card", None)
     app = context.application
-    for group in sorted(app.handlers):
-        if group < 0 or group >= 100:
-            continue  # the gate already ran; the closing group runs after this handler anyway
-        for handler in app.handlers[group]:
-            if isinstance(handler, ConversationHandler) and handler.name == "login":
-                continue
-            check = handler.check_update(update)
-            if check is not None and check is not False:
-                await handler.handle_update(update, app, check, context)
-                break
+    # Only the login's own group: the groups before it already ran, the ones after it still will.
+    group = next(g for g, handlers in app.handlers.items() if any(_is_login(h) for h in handlers))
+    for handler in app.handlers[group]:
+        if _is_login(handler):
+            continue
+        check = handler.check_update(update)
+        if check is not None and check is not False:
+            await handler.handle_update(update, app, check, context)
+            break
     return ConversationHandler.END
+
+
+def _is_login(handler: object) -> bool:
+    return isinstance(handler, ConversationHandler) and handler.name == "login"
 
 
 async def not_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
