@@ -25,6 +25,9 @@ STAFF_ID = 9001
 DUTY_OFFICER_ID = 9002
 VISITOR_ID = 7000
 ADMIN_ID = 9003  # made by storage.quality.seed_demo: reads the service-quality report (#18)
+STAFF_NAME = "李娜 Li Na"
+DUTY_OFFICER_NAME = "赵磊 Zhao Lei"
+STAFF_GROUP_TITLE = "馆员群 Staff group"
 
 
 @dataclass
@@ -60,8 +63,9 @@ async def seed(db: Database, policy: Policy) -> DemoSeed:
     except ImportError:
         log.warning("catalog import not available in this build")
     async with db.session() as session:
-        await add_staff(session, STAFF_ID, Role.STAFF, "Li Na (staff)")
-        await add_staff(session, DUTY_OFFICER_ID, Role.DUTY_OFFICER, "Zhao Lei (duty officer)")
+        # Names as people have them, in both scripts: they appear inside Chinese and English texts alike.
+        await add_staff(session, STAFF_ID, Role.STAFF, STAFF_NAME)
+        await add_staff(session, DUTY_OFFICER_ID, Role.DUTY_OFFICER, DUTY_OFFICER_NAME)
         for uid, name, lang in ((STAFF_ID, "Li Na", "zh"), (DUTY_OFFICER_ID, "Zhao Lei", "zh")):
             session.add(User(telegram_id=uid, first_name=name, telegram_language=lang))
     try:
@@ -84,11 +88,12 @@ async def seed(db: Database, policy: Policy) -> DemoSeed:
 def personas(cards: list[DemoCard]) -> list[dict[str, object]]:
     """Who a person can be on the demo page."""
     people: list[dict[str, object]] = []
-    for card in cards:
-        if card.telegram_id is None:
-            continue
+    linked = [card for card in cards if card.telegram_id is not None]
+    for n, card in enumerate(linked):
+        # Half the sample readers have an English Telegram, half a Chinese one (the page's language
+        # button switches the persona's language as well).
         people.append({
-            "user_id": card.telegram_id, "first_name": card.name.split()[0], "language_code": "zh",
+            "user_id": card.telegram_id, "first_name": card.name.split()[0], "language_code": "en" if n % 2 else "zh-hans",
             "label_zh": f"读者 {card.name}（{card.card_number}）", "label_en": f"Reader {card.name} ({card.card_number})",
             "description_zh": card.note_zh or "已绑定读者证的示例读者", "description_en": card.note or "a sample reader with a linked card",
         })
@@ -99,7 +104,8 @@ def personas(cards: list[DemoCard]) -> list[dict[str, object]]:
          "description_zh": "发布应急通知与演练", "description_en": "sends emergency notices and drills"},
         {"user_id": ADMIN_ID, "first_name": "Sun Wei", "language_code": "zh", "label_zh": "管理员 孙伟", "label_en": "Admin: Sun Wei",
          "description_zh": "查看服务质量报告（/quality）", "description_en": "reads the service-quality report (/quality)"},
-        {"user_id": STAFF_ID, "chat_id": STAFF_CHAT_ID, "chat_type": "group", "first_name": "Li Na", "language_code": "zh",
+        {"user_id": STAFF_ID, "chat_id": STAFF_CHAT_ID, "chat_type": "group", "chat_title": STAFF_GROUP_TITLE,
+         "first_name": "Li Na", "language_code": "zh",
          "label_zh": "馆员群（告警）", "label_en": "Staff group (alerts)",
          "description_zh": "接收逾期、工单、事件告警的馆员群", "description_en": "the group that receives staff alerts"},
         {"user_id": VISITOR_ID, "first_name": "Guest", "language_code": "en", "label_zh": "访客（未登录）", "label_en": "Visitor (not logged in)",

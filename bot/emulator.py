@@ -860,7 +860,7 @@ class Emulator(GroupControls):
         chat_id: int | None = None,
         chat_type: str | None = None,
         chat_title: str | None = None,
-        photo: bool = False,
+        photo: bool | Mapping[str, Any] = False,  # or {"content_b64": …}: a picture sent from the demo page
         caption: str | None = None,
         sticker: bool | str = False,
         document: Mapping[str, Any] | None = None,
@@ -886,7 +886,8 @@ class Emulator(GroupControls):
             if entities:
                 api["entities"] = entities
         elif photo:
-            sizes = self._invent_photo()
+            upload = base64.b64decode(photo.get("content_b64", "") or "") if isinstance(photo, Mapping) else b""
+            sizes = self._invent_photo(upload) if upload else self._invent_photo()
             api["photo"] = sizes
         elif sticker:
             emoji = sticker if isinstance(sticker, str) else "👍"
@@ -1941,7 +1942,7 @@ class Emulator(GroupControls):
                     chat_id=self._opt_int(b, "chat_id"),
                     chat_type=b.get("chat_type"),
                     chat_title=b.get("chat_title"),
-                    photo=bool(b.get("photo")),
+                    photo=_photo_field(b.get("photo")),
                     caption=b.get("caption"),
                     sticker=b.get("sticker") or False,
                     document=b.get("document"),
@@ -2681,3 +2682,6 @@ async def control_api_guard(request: web.Request, handler: Any) -> web.StreamRes
     if request.method == "POST" and request.content_type != "application/json":
         return web.json_response({"ok": False, "description": "Unsupported Media Type: send JSON"}, status=415)
     return await handler(request)
+def _photo_field(value: Any) -> bool | Mapping[str, Any]:
+    """``photo`` of ``/_emu/send``: true (a photo is invented) or ``{"content_b64": …}`` (the demo page's upload)."""
+    return value if isinstance(value, dict) else bool(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,29 @@ def _flatten(prefix: str, table: dict[str, Any], out: dict[str, str]) -> None:
             out[name] = str(value)
 
 
+GLOSSARY_TERM = re.compile(r"\[\[(\w+)\]\]")
+
+
+@functools.cache
+def glossary() -> dict[str, dict[str, str]]:
+    """The glossary (``bot/locales/glossary.toml``): each status and term in every language."""
+    terms: dict[str, dict[str, str]] = tomllib.loads((LOCALES / "glossary.toml").read_text(encoding="utf-8"))
+    return terms
+
+
+def glossed(lang: str, text: str) -> str:
+    """``text`` with each ``[[term]]`` replaced by the glossary's word in ``lang`` (unknown terms stay)."""
+    terms = glossary()
+    return GLOSSARY_TERM.sub(lambda m: terms[m.group(1)][lang] if m.group(1) in terms else m.group(0), text)
+
+
 @functools.cache
 def catalogue(lang: str) -> dict[str, str]:
-    """Every message of ``lang``, by message id."""
+    """Every message of ``lang``, by message id; glossary terms are filled in."""
     messages: dict[str, str] = {}
     for path in sorted((LOCALES / lang).glob("*.toml")):
         _flatten(path.stem, tomllib.loads(path.read_text(encoding="utf-8")), messages)
-    return messages
+    return {key: glossed(lang, text) if "[[" in text else text for key, text in messages.items()}
 
 
 def language_for(chosen: str | None, telegram_language: str | None, default: str) -> str:

@@ -31,6 +31,8 @@ def requires(role: Role) -> Callable[[Handler[Any]], Handler[Any]]:
                 return await handler(update, context)
             log.info("refused %s to user %s with role %s", handler.__name__, me.user_id, me.role.label)
             key = "common.needs_login" if role == Role.READER else "common.not_allowed"
+            if role == Role.DUTY_OFFICER and me.role >= Role.STAFF:
+                key = "common.duty_only"  # staff are told whom it is for, not that it is staff-only
             if update.callback_query is not None:
                 await answer(update, context, key, alert=True, lang=me.lang)
             else:

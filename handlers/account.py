@@ -20,9 +20,11 @@ from telegram.ext import (
 
 from bot.commands import set_personal_menu
 from bot.context import services, who
+from bot.i18n import t
 from bot.ui import answer, edit, escape, reply
 from storage.ils import CirculationUnavailable
 from storage.people import (
+    LOCK_DURATION,
     InviteOutcome,
     LoginOutcome,
     Role,
@@ -110,13 +112,21 @@ async def language_chosen(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
 
 
 async def login_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
-    """/login: with card and PIN in one message, log in at once; otherwise ask for the card."""
+    """/login: with card and PIN in one message, log in at once; otherwise ask for the card.
+
+    A reader whose chat is already linked is told which card, and may link another one."""
     me = await who(update, context)
     args = context.args or []
+    context.user_data.pop("login_card", None)
     if len(args) >= 2:
         await _delete_pin_message(update, context)
-        await _try_login(update, context, args[0], args[1])
-        return ConversationHandler.END
+        return await _try_login(update, context, args[0], args[1])
+    if me.reader_id is not None:
+        async with services(context).db.session() as session:
+            linked = await reader_of(session, me.user_id)
+        if linked is not None:
+            await reply(update, context, "account.already_linked", lang=me.lang,
+                        card=escape(masked_card(linked.card_number)), name=escape(linked.name))
     if len(args) == 1:
         context.user_data["login_card"] = args[0][:64]
         await reply(update, context, "account.ask_pin", lang=me.lang)
@@ -125,22 +135,46 @@ async def login_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str
     return CARD
 
 
-async def login_card(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
-    """Keep the card number and ask for the PIN."""
-    context.user_data["login_card"] = (update.message.text or "").strip()[:64]
+async def login_card(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """Keep the card number and ask for the PIN. The message is deleted like the PIN's: what is
+    typed in a login step is never left in the chat (some type the card and the PIN together)."""
+    await _delete_pin_message(update, context)
+    words = (update.message.text or "").split()
+    if len(words) >= 2:
+        return await _try_login(update, context, words[0], words[1])
+    context.user_data["login_card"] = (words[0] if words else "")[:64]
     await reply(update, context, "account.ask_pin")
     return PIN
 
 
-async def login_pin(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-    """Check the PIN (the message holding it is deleted first)."""
+async def login_pin(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """Check the PIN (the message holding it is deleted first). A wrong PIN asks for it again,
+    until the lockout; the card number is forgotten once the login ends."""
     await _delete_pin_message(update, context)
     card = context.user_data.get("login_card", "")
-    await _try_login(update, context, card, (update.message.text or "").strip())
-    # Forgotten only once the attempt was made: if the store failed (the person is told to try
-    # again), the conversation stays at this step and the card number with it.
+    return await _try_login(update, context, card, (update.message.text or "").strip())
+
+
+async def login_interrupted(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+    """Another command in the middle of the login: the login ends, and the command runs as it would
+    have outside it (python-telegram-bot hands an update to one handler per group, so the
+    conversation passes it on to the first other handler of its group that takes it)."""
     context.user_data.pop("login_card", None)
+    app = context.application
+    # Only the login's own group: the groups before it already ran, the ones after it still will.
+    group = next(g for g, handlers in app.handlers.items() if any(_is_login(h) for h in handlers))
+    for handler in app.handlers[group]:
+        if _is_login(handler):
+            continue
+        check = handler.check_update(update)
+        if check is not None and check is not False:
+            await handler.handle_update(update, app, check, context)
+            break
     return ConversationHandler.END
+
+
+def _is_login(handler: object) -> bool:
+    return isinstance(handler, ConversationHandler) and handler.name == "login"
 
 
 async def not_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -155,7 +189,9 @@ async def _delete_pin_message(update: Update, context: ContextTypes.DEFAULT_TYPE
         log.info("could not delete a message holding a PIN")
 
 
-async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: str, pin: str) -> None:
+async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: str, pin: str) -> str | int:
+    """Try the card and PIN, answer, and return the login's next step: the PIN again after a wrong
+    one (while attempts are left) or when the library system could not be asked, else the end."""
     svc = services(context)
     me = await who(update, context)
     verify: Callable[[], Awaitable[bool]] | None = None
@@ -168,21 +204,29 @@ async def _try_login(update: Update, context: ContextTypes.DEFAULT_TYPE, card: s
 
         verify = check
 
+    context.user_data["login_card"] = card.strip()[:64]
     try:
         async with svc.db.session() as session:
             result = await login(session, me.user_id, card, pin, svc.now(), verify=verify, tz=svc.tz)
     except CirculationUnavailable:
         await reply(update, context, "common.ils_unavailable", lang=me.lang)
-        return
+        return PIN
+    context.user_data.pop("login_card", None)
     if result.outcome is LoginOutcome.OK and result.reader is not None:
         log.info("user %s linked a card", me.user_id)
         await reply(update, context, "account.login_ok", lang=me.lang, name=escape(result.reader.name))
     elif result.outcome is LoginOutcome.CARD_EXPIRED and result.reader is not None:
         await reply(update, context, "account.login_expired", lang=me.lang, name=escape(result.reader.name))
-    elif result.outcome is LoginOutcome.LOCKED:
-        await reply(update, context, "account.login_locked", lang=me.lang)
+    elif result.outcome is LoginOutcome.LOCKED or result.locked_until is not None:
+        # a wrong PIN that used up the last attempt says both; a login refused while locked, only the lock
+        key = "account.login_locked" if result.outcome is LoginOutcome.LOCKED else "account.login_failed_locked"
+        until = result.locked_until or svc.now() + LOCK_DURATION
+        await reply(update, context, key, lang=me.lang, until=until.astimezone(svc.tz).strftime("%H:%M"))
     else:
+        context.user_data["login_card"] = card.strip()[:64]
         await reply(update, context, "account.login_failed", lang=me.lang)
+        return PIN
+    return ConversationHandler.END
 
 
 async def logout_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -292,7 +336,8 @@ async def hours(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     me = await who(update, context)
     library = services(context).policy.library
     zh = me.lang == "zh"
-    lines = "\n".join(f"• {d.days_zh if zh else d.days_en}: {d.hours}" for d in library.hours)
+    lines = "\n".join("• " + t(me.lang, "common.label_value", label=d.days_zh if zh else d.days_en, value=d.hours)
+                      for d in library.hours)
     await reply(
         update, context, "account.hours", lang=me.lang,
         library=escape(library.name_zh if zh else library.name_en),
@@ -331,9 +376,11 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
             fallbacks=[
                 *cancel_fallbacks(),
                 MessageHandler(~filters.COMMAND & ~filters.TEXT, not_text),
+                MessageHandler(filters.COMMAND, login_interrupted),
             ],
             name="login",
             persistent=True,
+            allow_reentry=True,  # /login again starts over (with another card number)
         )
     )
     app.add_handler(CommandHandler("start", start))

@@ -18,7 +18,7 @@ import re
 import warnings
 from typing import Any
 
-from telegram import Update
+from telegram import Message, Update
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import (
@@ -35,7 +35,7 @@ from telegram.warnings import PTBUserWarning
 from bot.context import services, who
 from bot.i18n import LANGUAGES, language_for, t
 from bot.roles import requires
-from bot.ui import MAX_TEXT, Button, answer, edit, escape, reply, trailing_id
+from bot.ui import MAX_TEXT, Button, answer, edit, escape, fit, keyboard, reply, trailing_id
 from handlers.account import cancel_fallbacks
 from handlers.incidents import duration, place_buttons
 from storage.incidents import (
@@ -50,6 +50,7 @@ from storage.incidents import (
     ConfirmOutcome,
     DeliveryStats,
     UnknownPlace,
+    ack_buttons,
     acknowledge,
     audience_counts,
     cancel_draft,
@@ -66,12 +67,15 @@ from storage.incidents import (
     sending_broadcasts,
     set_progress_message,
     template_text,
+    update_draft_text,
 )
 from storage.people import Role
 
 log = logging.getLogger(__name__)
 
 TYPE, PLACE, TEXT, EDIT, AUDIENCE = "emergency:type", "emergency:place", "emergency:text", "emergency:edit", "emergency:audience"
+ALLCLEAR_EDIT = "allclear:edit"
+ALLCLEAR = "allclear_edit"  # key of context.user_data: the all-clear draft and language being edited, and what was edited
 DRAFT = "emergency_draft"  # key of context.user_data (persisted as JSON)
 PROGRESS_EVERY = 3.0  # seconds; the progress message is edited at most this often
 
@@ -92,13 +96,30 @@ def text_limit() -> int:
     return MAX_TEXT - overhead
 
 
+def number(lang: str, value: int) -> str:
+    """A count as each language writes it: "4,043" in English, "4043" in Chinese."""
+    return f"{value:,}" if lang == "en" else str(value)
+
+
 def _drill(lang: str, drill: bool) -> str:
     return t(lang, "broadcast.drill_mark") + " " if drill else ""
 
 
 def _type_label(lang: str, emergency_type: str, purpose: str = "alert") -> str:
     label = t(lang, f"broadcast.type_{emergency_type}")
-    return f"{t(lang, 'broadcast.type_allclear')}: {label}" if purpose == "allclear" else label
+    return t(lang, "common.label_value", label=t(lang, "broadcast.type_allclear"), value=label) if purpose == "allclear" else label
+
+
+def _template_marks(lang: str, edited: list[str], *, note: bool = True) -> dict[str, str]:
+    """When only one language was edited, the other is marked as still the template (the readers of
+    that language would not read what was changed), with a note asking to edit it too."""
+    marks = {"mark_zh": "", "mark_en": "", "note": ""}
+    if len(set(edited)) == 1:
+        other = "en" if edited[0] == "zh" else "zh"
+        marks[f"mark_{other}"] = t(lang, "broadcast.template_mark")
+        if note:
+            marks["note"] = t(lang, f"broadcast.note_other_template_{other}")
+    return marks
 
 
 async def _present(
@@ -205,7 +226,8 @@ async def _show_draft(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: 
         [("broadcast.btn_edit_zh", "em:ez"), ("broadcast.btn_edit_en", "em:ee")],
         [("common.cancel", "em:x")],
     ]
-    await _present(update, context, lang, "broadcast.draft", draft["zh"], draft["en"], buttons, replace=replace, drill=_drill(lang, draft["drill"]))
+    await _present(update, context, lang, "broadcast.draft", draft["zh"], draft["en"], buttons, replace=replace,
+                   drill=_drill(lang, draft["drill"]), **_template_marks(lang, draft.get("edited", [])))
 
 
 @requires(Role.DUTY_OFFICER)
@@ -220,16 +242,16 @@ async def text_action(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str
     await answer(update, context, lang=me.lang)
     if action in ("ez", "ee"):
         draft["editing"] = "zh" if action == "ez" else "en"
-        await reply(update, context, f"broadcast.ask_text_{draft['editing']}", lang=me.lang, limit=f"{text_limit():,}")
+        await reply(update, context, f"broadcast.ask_text_{draft['editing']}", lang=me.lang, limit=number(me.lang, text_limit()))
         return EDIT
     for text in (draft["zh"], draft["en"]):  # a policy template may be long too
         if utf16_len(text) > text_limit():
-            await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=f"{utf16_len(text):,}", limit=f"{text_limit():,}")
+            await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
             return TEXT
     async with services(context).db.session() as session:
         counts = await audience_counts(session)
     rows: list[list[Button]] = [
-        [("=" + t(me.lang, f"broadcast.btn_aud_{audience}", count=f"{counts[audience]:,}"), f"em:a:{audience}")]
+        [("=" + t(me.lang, f"broadcast.btn_aud_{audience}", count=number(me.lang, counts[audience])), f"em:a:{audience}")]
         for audience in AUDIENCES
     ]
     await edit(update, context, "broadcast.ask_audience", lang=me.lang, buttons=[*rows, [("common.cancel", "em:x")]])
@@ -249,9 +271,11 @@ async def edited_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str
         await reply(update, context, "broadcast.text_empty", lang=me.lang)
         return EDIT
     if utf16_len(text) > text_limit():
-        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=f"{utf16_len(text):,}", limit=f"{text_limit():,}")
+        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
         return EDIT
-    draft[draft.pop("editing")] = text
+    editing = draft.pop("editing")
+    draft[editing] = text
+    draft["edited"] = sorted({*draft.get("edited", []), editing})
     await _show_draft(update, context, me.lang, draft, replace=False)
     return TEXT
 
@@ -282,18 +306,19 @@ async def chose_audience(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
         await answer(update, context, "incidents.unknown_place", alert=True, lang=me.lang)
         return ConversationHandler.END
     await answer(update, context, lang=me.lang)
+    marks = _template_marks(me.lang, draft.get("edited", []), note=False)
     context.user_data.pop(DRAFT, None)
     if broadcast.recipients == 0:
         async with svc.db.session() as session:
             await cancel_draft(session, broadcast.id, me.user_id)
         await edit(update, context, "broadcast.nobody", lang=me.lang)
         return ConversationHandler.END
-    await _preview(update, context, me.lang, broadcast)
+    await _preview(update, context, me.lang, broadcast, marks)
     return ConversationHandler.END
 
 
-async def _preview(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast) -> None:
-    count = f"{broadcast.recipients:,}"
+async def _preview(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast, marks: dict[str, str]) -> None:
+    count = number(lang, broadcast.recipients)
     confirm_key = "broadcast.btn_confirm_drill" if broadcast.drill else "broadcast.btn_confirm"
     buttons: list[list[Button]] = [
         [("=" + t(lang, confirm_key, count=count), f"bc:go:{broadcast.id}")],
@@ -301,7 +326,7 @@ async def _preview(update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str
     ]
     await _present(
         update, context, lang, "broadcast.preview", broadcast.text_zh, broadcast.text_en, buttons, replace=True,
-        drill=_drill(lang, broadcast.drill), audience=t(lang, f"broadcast.aud_{broadcast.audience}"), count=count,
+        drill=_drill(lang, broadcast.drill), audience=t(lang, f"broadcast.aud_{broadcast.audience}"), count=count, **marks,
     )
 
 
@@ -357,16 +382,16 @@ def progress_text(lang: str, broadcast: Broadcast, stats: DeliveryStats, elapsed
     """The duty officer's progress message: live counts, rate and ETA; the summary once done."""
     params = {
         "drill": _drill(lang, broadcast.drill), "id": broadcast.id,
-        "type": _type_label(lang, broadcast.emergency_type, broadcast.purpose), "sent": f"{stats.sent:,}",
-        "total": f"{max(stats.total, broadcast.recipients):,}", "failed": f"{stats.failed:,}",
-        "unreachable": f"{stats.unreachable:,}",
+        "type": _type_label(lang, broadcast.emergency_type, broadcast.purpose), "sent": number(lang, stats.sent),
+        "total": number(lang, max(stats.total, broadcast.recipients)), "failed": number(lang, stats.failed),
+        "unreachable": number(lang, stats.unreachable),
     }
     if elapsed is not None:
         t90 = duration(lang, stats.time_to_90) if stats.time_to_90 is not None else t(lang, "incidents.not_reached")
         return t(lang, "broadcast.progress_done", elapsed=duration(lang, elapsed), t90=t90, **params)
     eta = stats.eta
     return t(
-        lang, "broadcast.progress", pending=f"{stats.pending:,}", rate=f"{stats.rate:.1f}",
+        lang, "broadcast.progress", pending=number(lang, stats.pending), rate=f"{stats.rate:.1f}",
         eta=duration(lang, eta) if eta is not None else t(lang, "broadcast.eta_unknown"), **params,
     )
 
@@ -474,16 +499,68 @@ async def _allclear_preview(update: Update, context: ContextTypes.DEFAULT_TYPE, 
     if broadcast is None:
         await reply(update, context, "broadcast.allclear_closed", lang=lang)
         return
-    count = f"{broadcast.recipients:,}"
+    await _show_allclear(update, context, lang, broadcast, [])
+
+
+async def _show_allclear(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast, edited: list[str]
+) -> None:
+    """The all-clear's preview: both texts (each editable) and the confirmation naming the count."""
+    count = number(lang, broadcast.recipients)
     buttons: list[list[Button]] = [
         [("=" + t(lang, "broadcast.btn_allclear_confirm", count=count), f"bc:go:{broadcast.id}")],
+        [("broadcast.btn_edit_zh", f"bc:ez:{broadcast.id}"), ("broadcast.btn_edit_en", f"bc:ee:{broadcast.id}")],
         [("common.cancel", f"bc:no:{broadcast.id}")],
     ]
+    assert broadcast.incident_id is not None
     await _present(
         update, context, lang, "broadcast.allclear_preview", broadcast.text_zh, broadcast.text_en, buttons,
-        drill=_drill(lang, broadcast.drill), incident=incident_id, type=t(lang, f"broadcast.type_{broadcast.emergency_type}"),
-        count=count,
+        drill=_drill(lang, broadcast.drill), incident=broadcast.incident_id,
+        type=t(lang, f"broadcast.type_{broadcast.emergency_type}"), count=count, **_template_marks(lang, edited),
     )
+
+
+@requires(Role.DUTY_OFFICER)
+async def allclear_edit(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """Edit one language of the all-clear draft: ask for the new text."""
+    me = await who(update, context)
+    data = update.callback_query.data or ""
+    broadcast_id, editing = trailing_id(data), "zh" if data.startswith("bc:ez:") else "en"
+    if broadcast_id is None:
+        await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
+        return ConversationHandler.END
+    state = context.user_data.get(ALLCLEAR) or {}
+    edited = state.get("edited", []) if state.get("id") == broadcast_id else []
+    context.user_data[ALLCLEAR] = {"id": broadcast_id, "editing": editing, "edited": edited}
+    await answer(update, context, lang=me.lang)
+    await reply(update, context, f"broadcast.ask_text_{editing}", lang=me.lang, limit=number(me.lang, text_limit()))
+    return ALLCLEAR_EDIT
+
+
+@requires(Role.DUTY_OFFICER)
+async def allclear_edited(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """The all-clear's new text in one language: stored in the draft, and the preview shown again."""
+    me = await who(update, context)
+    state = context.user_data.get(ALLCLEAR) or {}
+    text = (update.message.text or "").strip()
+    if not text:
+        await reply(update, context, "broadcast.text_empty", lang=me.lang)
+        return ALLCLEAR_EDIT
+    if utf16_len(text) > text_limit():
+        await reply(update, context, "broadcast.text_too_long", lang=me.lang, length=number(me.lang, utf16_len(text)), limit=number(me.lang, text_limit()))
+        return ALLCLEAR_EDIT
+    svc = services(context)
+    async with svc.db.session() as session:
+        changed = await update_draft_text(session, int(state.get("id", 0)), me.user_id, state.get("editing", "en"), text)
+        broadcast = await session.get(Broadcast, int(state.get("id", 0))) if changed else None
+    if broadcast is None:
+        context.user_data.pop(ALLCLEAR, None)
+        await reply(update, context, "broadcast.draft_gone", lang=me.lang)
+        return ConversationHandler.END
+    state["edited"] = sorted({*state.get("edited", []), state.get("editing", "en")})
+    context.user_data[ALLCLEAR] = state
+    await _show_allclear(update, context, me.lang, broadcast, state["edited"])
+    return ConversationHandler.END
 
 
 # --- acknowledgements ----------------------------------------------------------------------------
@@ -504,6 +581,7 @@ async def acknowledge_button(update: Update, context: ContextTypes.DEFAULT_TYPE)
     if result.outcome is not AckOutcome.RECORDED:
         await answer(update, context, "broadcast.ack_not_recipient", alert=True, lang=me.lang)
         return
+    await _mark_answer(update, context, me.lang, result.broadcast, status)
     if status != "help":
         await answer(update, context, f"broadcast.ack_{status}", lang=me.lang)
         return
@@ -511,6 +589,26 @@ async def acknowledge_button(update: Update, context: ContextTypes.DEFAULT_TYPE)
     await answer(update, context, lang=me.lang)
     places = place_buttons(me.lang, svc.policy, f"ackp:{broadcast_id}")
     await reply(update, context, "broadcast.ack_help" if result.alerted else "broadcast.ack_help_again", lang=me.lang, buttons=places)
+
+
+async def _mark_answer(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, lang: str, broadcast: Broadcast | None, status: str
+) -> None:
+    """The staff member's copy of the notice shows their answer and its time; the buttons stay, as an
+    answer may change (safe at first, then in need of help)."""
+    query = update.callback_query
+    if broadcast is None or query is None or not isinstance(query.message, Message):
+        return
+    svc = services(context)
+    text = t(lang, "broadcast.message_staff", drill=t(lang, "broadcast.drill_mark") if broadcast.drill else "",
+             text=escape(broadcast.text_zh if lang == "zh" else broadcast.text_en))
+    text += t(lang, "broadcast.ack_line", answer=t(lang, f"broadcast.btn_{status}"),
+              time=svc.now().astimezone(svc.tz).strftime("%H:%M"))
+    buttons = [[(key, data) for key, data in row] for row in ack_buttons(broadcast.id)]
+    try:
+        await query.edit_message_text(fit(text), parse_mode=ParseMode.HTML, reply_markup=keyboard(lang, buttons))
+    except TelegramError as exc:  # too old to edit, or deleted: the answer is recorded all the same
+        log.info("could not show the answer on broadcast %s: %s", broadcast.id, exc)
 
 
 async def help_place_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -561,6 +659,16 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
                 },
                 fallbacks=[*cancel_fallbacks(), CallbackQueryHandler(cancel_button, pattern=r"^em:x$")],
                 name="emergency",
+                persistent=True,
+                allow_reentry=True,
+            )
+        )
+        app.add_handler(
+            ConversationHandler(
+                entry_points=[CallbackQueryHandler(allclear_edit, pattern=r"^bc:e[ze]:\d+$")],
+                states={ALLCLEAR_EDIT: [MessageHandler(text, allclear_edited)]},
+                fallbacks=cancel_fallbacks(),
+                name="allclear_edit",
                 persistent=True,
                 allow_reentry=True,
             )

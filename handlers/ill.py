@@ -485,7 +485,7 @@ def _summary_lines(lang: str, form: dict[str, Any], policy: Any) -> str:
     for step in _steps(form)[:-1]:
         value = _shown(lang, form, step, policy)
         if value or step not in OPTIONAL:
-            lines.append(f"<b>{t(lang, f'ill.field_{step}')}</b>: {escape(value) if value else '—'}")
+            lines.append(t(lang, "common.label_value", label=f"<b>{t(lang, f'ill.field_{step}')}</b>", value=escape(value) if value else "—"))
     return "\n".join(lines)
 
 

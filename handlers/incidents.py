@@ -30,14 +30,17 @@ from bot.roles import requires
 from bot.ui import MAX_CAPTION, Button, answer, edit, escape, fit, paginate, parse_page, reply, trailing_id
 from handlers.account import cancel_fallbacks
 from storage.incidents import (
+    MAX_CLOSE_NOTE,
     MAX_PLACE_TEXT,
     REPORT_KINDS,
     WHOLE_BUILDING,
+    CloseOutcome,
     Incident,
     IncidentReport,
     IncidentState,
     TakeOutcome,
     UnknownPlace,
+    close_report,
     escalate_overdue,
     incident_report,
     list_incidents,
@@ -53,6 +56,8 @@ from storage.policy import Policy
 log = logging.getLogger(__name__)
 
 KIND, PLACE, PHOTO = "report:kind", "report:place", "report:photo"
+CLOSE_NOTE = "incident:close_note"
+CLOSING = "incident_closing"  # key of context.user_data: the reported incident being closed
 DRAFT = "incident_report"  # key of context.user_data (persisted as JSON)
 PER_PAGE = 8
 
@@ -342,8 +347,8 @@ def report_view(lang: str, policy: Policy, tz: Any, report: IncidentReport) -> t
         parts.append(
             t(
                 lang, "incidents.report_broadcast", purpose=t(lang, f"incidents.purpose_{b.purpose}"), bid=b.id,
-                audience=t(lang, f"broadcast.aud_{b.audience}"), when=when, total=f"{s.total:,}", sent=f"{s.sent:,}",
-                failed=f"{s.failed:,}", unreachable=f"{s.unreachable:,}", pending=f"{s.pending:,}",
+                audience=t(lang, f"broadcast.aud_{b.audience}"), when=when, total=_number(lang, s.total), sent=_number(lang, s.sent),
+                failed=_number(lang, s.failed), unreachable=_number(lang, s.unreachable), pending=_number(lang, s.pending),
                 t90=duration(lang, s.time_to_90) if s.time_to_90 is not None else t(lang, "incidents.not_reached"),
             )
         )
@@ -351,8 +356,61 @@ def report_view(lang: str, policy: Policy, tz: Any, report: IncidentReport) -> t
             a = item.acks
             parts.append(t(lang, "incidents.report_acks", received=a.received, safe=a.safe, help=a.help, unanswered=a.unanswered))
         csv_buttons.append(("=" + t(lang, "incidents.btn_csv", id=b.id), f"inccsv:{b.id}"))
+    if i.close_note:
+        parts.append(t(lang, "incidents.report_close_note", note=escape(i.close_note)))
     back: list[Button] = [("incidents.btn_back", "incl:d:0" if i.drill else "incl:r:0")]
-    return "".join(parts), [csv_buttons[n : n + 3] for n in range(0, len(csv_buttons), 3)] + [back]
+    rows = [csv_buttons[n : n + 3] for n in range(0, len(csv_buttons), 3)]
+    if i.source == "report" and i.state != IncidentState.CLOSED:
+        rows.append([("incidents.btn_close", f"incc:{i.id}")])
+    return "".join(parts), [*rows, back]
+
+
+# --- closing a reported incident ---------------------------------------------------------------
+
+
+@requires(Role.DUTY_OFFICER)
+async def close_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """Close with a note: ask what was found and done (the reporter will read it)."""
+    me = await who(update, context)
+    incident_id = trailing_id(update.callback_query.data)
+    if incident_id is None:
+        await answer(update, context, "common.stale_button", alert=True, lang=me.lang)
+        return ConversationHandler.END
+    context.user_data[CLOSING] = incident_id
+    await answer(update, context, lang=me.lang)
+    await reply(update, context, "incidents.ask_close_note", lang=me.lang, id=incident_id, limit=MAX_CLOSE_NOTE)
+    return CLOSE_NOTE
+
+
+@requires(Role.DUTY_OFFICER)
+async def close_with_note(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | int:
+    """The note: close the incident; the reporter is told."""
+    me = await who(update, context)
+    note = (update.message.text or "").strip()
+    if not note or len(note) > MAX_CLOSE_NOTE:
+        await reply(update, context, "incidents.ask_close_note", lang=me.lang, id=context.user_data.get(CLOSING, "?"), limit=MAX_CLOSE_NOTE)
+        return CLOSE_NOTE
+    incident_id = context.user_data.pop(CLOSING, None)
+    if not isinstance(incident_id, int):
+        await reply(update, context, "common.stale_button", lang=me.lang)
+        return ConversationHandler.END
+    svc = services(context)
+    async with svc.db.session() as session:
+        name = await person_name(session, me.user_id)
+        outcome = await close_report(session, incident_id, me.user_id, name, note, svc.now())
+    if outcome is CloseOutcome.NOT_FOUND:
+        await reply(update, context, "incidents.not_found", lang=me.lang)
+    elif outcome is CloseOutcome.ALREADY:
+        await reply(update, context, "incidents.closed", lang=me.lang, id=incident_id)
+    else:
+        log.info("incident %s closed by user %s", incident_id, me.user_id)
+        await reply(update, context, "incidents.closed_done", lang=me.lang, id=incident_id)
+    return ConversationHandler.END
+
+
+def _number(lang: str, value: int) -> str:
+    """A count as each language writes it: "4,043" in English, "4043" in Chinese."""
+    return f"{value:,}" if lang == "en" else str(value)
 
 
 def duration(lang: str, value: Any) -> str:
@@ -406,6 +464,16 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
                 },
                 fallbacks=[*cancel_fallbacks(), CallbackQueryHandler(report_cancel, pattern=r"^rep:x$")],
                 name="report",
+                persistent=True,
+                allow_reentry=True,
+            )
+        )
+        app.add_handler(
+            ConversationHandler(
+                entry_points=[CallbackQueryHandler(close_start, pattern=r"^incc:\d+$")],
+                states={CLOSE_NOTE: [MessageHandler(filters.TEXT & ~filters.COMMAND, close_with_note)]},
+                fallbacks=cancel_fallbacks(),
+                name="incident_close",
                 persistent=True,
                 allow_reentry=True,
             )

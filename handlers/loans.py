@@ -88,7 +88,7 @@ def _hint(context: ContextTypes.DEFAULT_TYPE, lang: str, loan: LoanView) -> str:
     if loan.renewable or loan.refusal is None or loan.refusal == RenewalRefused.TOO_EARLY:
         return ""
     refusal = RenewalOutcome(loan.barcode, loan.title, False, None, loan.refusal,
-                             details={"renewals": loan.renewals, "max_renewals": loan.max_renewals})
+                             details={"renewals": loan.renewals, "max_renewals": loan.max_renewals, **loan.refusal_details})
     return t(lang, "loans.list_item_not_renewable", reason=_reason(context, lang, refusal))
 
 
@@ -145,7 +145,9 @@ def _loans_buttons(lang: str, loans: Sequence[LoanView], first: int, listed_at: 
     return rows
 
 
-async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, page: int, *, replace: bool) -> None:
+async def _show_loans(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, page: int, *, replace: bool, answered: bool = False
+) -> None:
     assert me.reader_id is not None
     try:
         loans = await _circulation(context).loans(me.reader_id)
@@ -153,7 +155,7 @@ async def _show_loans(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Wh
     except CirculationUnavailable:
         await _unavailable(update, context, me)
         return
-    if update.callback_query is not None:
+    if update.callback_query is not None and not answered:
         await answer(update, context, lang=me.lang)
     if not loans:
         if fines is not None:
@@ -246,6 +248,8 @@ async def renew_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
             outcomes = await _circulation(context).renew_all(me.reader_id, listed_at=listed_at)
             await answer(update, context, lang=me.lang)
             await _say_summary(update, context, me, outcomes)
+            # the list the button was under shows the new due dates (and no Renew for what cannot be)
+            await _show_loans(update, context, me, 0, replace=True, answered=True)
             return
         if not kind.isdigit() or not rest:
             await answer(update, context, "common.stale_button", alert=True, lang=me.lang)

@@ -153,6 +153,11 @@ async def _first_page(update: Update, context: ContextTypes.DEFAULT_TYPE, query:
         return
     user_data[QUERY] = query
     key, params, buttons = _results_message(me, results, 0)
+    if not results.matched_all:
+        # Only similar titles: the library probably lacks it. Say so, and offer ILL above them.
+        user_data[ILL_PREFILL] = query
+        params["lines"] = t(me.lang, "search.partial_only", query=escape(query)) + "\n\n" + str(params["lines"])
+        buttons = [[("search.ill_button", "ill:new")], *buttons]
     sent = await reply(update, context, key, buttons=buttons, lang=me.lang, **params)
     # Each result list pages through its own query, also after a newer search.
     remembered = user_data.get(QUERIES)
@@ -227,6 +232,10 @@ def _results_message(
         ]
     _, nav = paginate(range(results.total), page, PER_PAGE, "search:page")
     key = "search.results_many" if results.total >= MAX_RESULTS else "search.results"
+    if results.total == 1:
+        key = "search.results_one"  # not "results 1–1 of 1"
+    elif len(results.hits) == 1 and key == "search.results":
+        key = "search.results_at"
     params: dict[str, object] = {
         "query": escape(results.query),
         "first": first,
@@ -256,7 +265,12 @@ def _holdings(lang: str, a: Availability, call_number: str) -> str:
     """ "2 of 3 on shelf, 3F Social Sciences, call number K249.2/…" (plain text; escape it)."""
     if a.total == 0:
         return t(lang, "search.no_copies")
-    key = "search.available" if a.on_shelf else "search.none_on_shelf"
+    if a.total == 1:
+        key = "search.available_one" if a.on_shelf else "search.none_on_shelf_one"
+    elif a.on_shelf:
+        key = "search.available_all" if a.on_shelf == a.total else "search.available"
+    else:
+        key = "search.none_on_shelf"
     return t(
         lang,
         key,
@@ -277,7 +291,7 @@ def _details_params(me: Who, context: ContextTypes.DEFAULT_TYPE, d: RecordDetail
             else None
         )
 
-    author = f"{d.author} ({d.author_latin})" if d.author and d.author_latin else d.author
+    author = t(lang, "search.author_latin", author=d.author, latin=d.author_latin) if d.author and d.author_latin else d.author
     fields = [
         field("author", author),
         field("responsibility", d.responsibility),
@@ -299,7 +313,7 @@ def _details_params(me: Who, context: ContextTypes.DEFAULT_TYPE, d: RecordDetail
         if copy.due_at is not None:
             status = t(lang, "search.due", status=status, date=copy.due_at.astimezone(tz).date().isoformat())
         if copy.item_type == "reference":
-            status = f"{status}, {t(lang, 'search.status_reference')}"
+            status = t(lang, "search.status_with", status=status, extra=t(lang, "search.status_reference"))
         copies.append(
             t(
                 lang,

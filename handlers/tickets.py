@@ -56,7 +56,7 @@ from storage.tickets import (
     history,
     is_late,
     is_watching,
-    late_by_text,
+    late_by_words,
     may_file,
     parse_ticket_number,
     place_label,
@@ -180,7 +180,7 @@ async def _take_text(update: Update, context: ContextTypes.DEFAULT_TYPE, text: s
     if draft is None or "category" not in draft:
         await reply(update, context, "tickets.draft_lost")
         return ConversationHandler.END  # type: ignore[return-value]
-    if not await _text_ok(update, context, text):
+    if not await _text_ok(update, context, text, words=True):
         return None
     draft["text"] = text.strip()
     if draft.get("photo"):
@@ -189,13 +189,17 @@ async def _take_text(update: Update, context: ContextTypes.DEFAULT_TYPE, text: s
     return PHOTO
 
 
-async def _text_ok(update: Update, context: ContextTypes.DEFAULT_TYPE, text: str, *, photo: bool = False) -> bool:
-    """Answer an empty or too long text with the rule it breaks; True when the text is fine."""
-    problem = text_problem(text, photo=photo)
+async def _text_ok(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, text: str, *, photo: bool = False, words: bool = False
+) -> bool:
+    """Answer an empty, wordless or too long text with the rule it breaks; True when the text is fine."""
+    problem = text_problem(text, photo=photo, words=words)
     if problem is None:
         return True
     if problem is TextProblem.EMPTY:
         await reply(update, context, "tickets.empty")
+    elif problem is TextProblem.NO_WORDS:
+        await reply(update, context, "tickets.no_words")
     else:
         await reply(update, context, "tickets.too_long", length=len(text.strip()), limit=MAX_TEXT)
     return False
@@ -220,6 +224,22 @@ async def photo_received(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
         draft["text"] = combined
     draft["photo"] = photo
     return await _ask_place(update, context)
+
+
+async def text_at_photo_step(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str | None:
+    """Words typed where a photo was asked for: added to the description (said so), and the photo
+    still asked for."""
+    draft = context.user_data.get(DRAFT)
+    if draft is None or "text" not in draft:
+        await reply(update, context, "tickets.draft_lost")
+        return ConversationHandler.END  # type: ignore[return-value]
+    added = (update.message.text or "").strip()
+    combined = f"{draft['text']}\n{added}"
+    if not await _text_ok(update, context, combined):
+        return None
+    draft["text"] = combined
+    await reply(update, context, "tickets.text_added", buttons=[[("tickets.btn_skip_photo", "tk:nophoto")]])
+    return None
 
 
 async def skip_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> str:
@@ -652,7 +672,7 @@ async def _show_queue(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Wh
     counts = {s: sum(1 for x in queue if x.status == s) for s in ACTIVE}
     lines = []
     for x in chunk:
-        late = t(me.lang, "tickets.late_mark", late=late_by_text(now - x.respond_by)) if is_late(x, now) else ""
+        late = t(me.lang, "tickets.late_mark", late=late_by_words(now - x.respond_by, me.lang)) if is_late(x, now) else ""
         holder = escape(owners[x.assignee_id]) if x.assignee_id else t(me.lang, "tickets.nobody")
         lines.append(t(
             me.lang, "tickets.queue_line", late=late, number=x.number, category=t(me.lang, f"tickets.cat_{x.category}"),
@@ -721,7 +741,7 @@ async def _show_card(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who
     }
     rows: list[list[Button]] = []
     if staff:
-        late = t(lang, "tickets.card_late", late=late_by_text(now - ticket.respond_by)) if is_late(ticket, now) else ""
+        late = t(lang, "tickets.card_late", late=late_by_words(now - ticket.respond_by, lang)) if is_late(ticket, now) else ""
         body = t(lang, "tickets.card_staff", **common, due=_local(ticket.respond_by, context), late=late,
                  who=_who_for_staff(ticket, lang), assignee=escape(assignee) if assignee else t(lang, "tickets.nobody"))
         if ticket.status == TicketStatus.NEW:
@@ -805,6 +825,7 @@ def register(app: Application) -> None:  # type: ignore[type-arg]
                 PHOTO: [
                     MessageHandler(filters.PHOTO, photo_received),
                     CallbackQueryHandler(skip_photo, pattern=r"^tk:nophoto$"),
+                    MessageHandler(filters.TEXT & ~filters.COMMAND, text_at_photo_step),
                     MessageHandler(anything, photo_expected),
                 ],
                 PLACE: [CallbackQueryHandler(place_chosen, pattern=r"^tk:place:"), MessageHandler(anything, choose_place_first)],

@@ -531,38 +531,24 @@ async def import_demo_catalog(db: Database, directory: Path) -> ImportReport:
 # ---------------------------------------------------------------------------------------------
 
 # Where books stand, by the first letter of their Library of Congress or Chinese Library
-# Classification call number.
+# Classification call number: the building's places (storage.policy's default places), named in
+# both languages as their signs are.
+_SOCIAL = "三层 社会科学阅览区 · 3F Social Sciences reading area"
+_SCIENCE = "二层 自然科学阅览区 · 2F Sciences reading area"
+_STACKS = "地下一层 密集书库 · B1 Compact stacks"
 _LOCATIONS = {
-    "A": "2F General Works",
-    "B": "4F Philosophy and Religion",
-    "C": "3F History",
-    "D": "3F History",
-    "E": "3F History",
-    "F": "3F Social Sciences",
-    "G": "3F Geography and Recreation",
-    "H": "3F Social Sciences",
-    "I": "5F Literature",
-    "J": "3F Political Science",
-    "K": "3F Social Sciences",
-    "L": "2F Education",
-    "M": "5F Music",
-    "N": "5F Fine Arts",
-    "P": "5F Language and Literature",
-    "Q": "6F Science",
-    "R": "6F Medicine",
-    "S": "6F Agriculture",
-    "T": "6F Technology",
-    "U": "6F Military Science",
-    "V": "6F Naval Science",
-    "Z": "2F Bibliography and Library Science",
+    **dict.fromkeys("BCDEFGHIJKLMNP", _SOCIAL),
+    **dict.fromkeys("QRSTUVX", _SCIENCE),
+    **dict.fromkeys("AZ", _STACKS),
 }
+_NEW_BOOKS = "一层 大厅与借还处 · 1F Lobby and circulation desk"
 _OTHER_STATUSES = ("in_repair", "missing", "in_transit")
 
 
 def demo_location(call_number: str) -> str:
-    """The shelf of a call number in the demo library ("K249.2/…" → "3F Social Sciences")."""
+    """The shelf of a call number in the demo library ("K249.2/…" → the 3F Social Sciences reading area)."""
     first = (call_number or "").strip()[:1].upper()
-    return _LOCATIONS.get(first, "1F New Books")
+    return _LOCATIONS.get(first, _NEW_BOOKS)
 
 
 async def seed_demo_items(session: AsyncSession, rng: random.Random, *, per_record: int = 3) -> int:

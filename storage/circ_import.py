@@ -625,7 +625,10 @@ async def seed_demo_circulation(
         lent = circ.start_of_day(due_day - dt.timedelta(days=loan_days * (renewals + 1)), tz) + dt.timedelta(hours=10)
         session.add(
             Loan(item_id=item.id, reader_id=readers[card].id, checked_out_at=min(lent, now),
-                 due_at=circ.end_of_day(due_day, tz), renewals=renewals, renewed_at=now if renewals else None)
+                 due_at=circ.end_of_day(due_day, tz), renewals=renewals,
+                 # renewed when the previous period ran out (not today: the policy's minimum between
+                 # renewals would keep the demo's renewable loans from being renewed, #20)
+                 renewed_at=min(lent + dt.timedelta(days=loan_days * renewals), now) if renewals else None)
         )
         item.status = ItemStatus.ON_LOAN
         if item_type:

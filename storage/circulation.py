@@ -173,7 +173,7 @@ def fine_cents(days_overdue: int, rules: Circulation) -> int:
 
 
 class RenewalRefused(enum.StrEnum):
-    """Why a renewal was refused. The first eight are the policy's reasons; the last two are what a
+    """Why a renewal was refused. The first nine are the policy's reasons; the last two are what a
     person sees when the loan is not theirs (or no longer open) and when it was renewed just now."""
 
     ON_HOLD = "on_hold"
@@ -184,6 +184,7 @@ class RenewalRefused(enum.StrEnum):
     CARD_BLOCKED = "card_blocked"
     NOT_RENEWABLE = "not_renewable"
     TOO_EARLY = "too_early"
+    RENEWED_RECENTLY = "renewed_recently"  # the policy's minimum time between two renewals
     NOT_ON_LOAN = "not_on_loan"
     ALREADY_RENEWED = "already_renewed"
 
@@ -196,6 +197,7 @@ class LoanTerms:
     renewals: int
     item_type: str
     returned_at: dt.datetime | None = None
+    renewed_at: dt.datetime | None = None  # the last renewal
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,17 @@ def renew(
             reader.fines_cents > fine_limit,
             RenewalRefused.FINES_TOO_HIGH,
             {"fines": str(money(reader.fines_cents)), "limit": str(money(fine_limit))},
+        ),
+        (
+            rules.min_days_between_renewals > 0
+            and loan.renewed_at is not None
+            and now < loan.renewed_at + dt.timedelta(days=rules.min_days_between_renewals),
+            RenewalRefused.RENEWED_RECENTLY,
+            {
+                "days": rules.min_days_between_renewals,
+                "from": (loan.renewed_at + dt.timedelta(days=rules.min_days_between_renewals)).astimezone(tz).strftime("%Y-%m-%d %H:%M")
+                if loan.renewed_at is not None else "",
+            },
         ),
         (
             rules.min_days_before_due > 0 and days_until_due(loan.due_at, now, tz) > rules.min_days_before_due,
@@ -543,7 +556,7 @@ async def renew_loan(
     assert reader is not None
     fines = await reader_fines(session, reader, policy, now, tz)
     result = renew(
-        LoanTerms(loan.due_at, loan.renewals, item.item_type),
+        LoanTerms(loan.due_at, loan.renewals, item.item_type, renewed_at=loan.renewed_at),
         standing(reader, fines),
         policy,
         now,
@@ -897,7 +910,7 @@ async def place_hold(
         if borrower is None:
             continue
         fines = await reader_fines(session, borrower, policy, now, tz)
-        before = renew(LoanTerms(loan.due_at, loan.renewals, item.item_type), standing(borrower, fines), policy, now, tz=tz)
+        before = renew(LoanTerms(loan.due_at, loan.renewals, item.item_type, renewed_at=loan.renewed_at), standing(borrower, fines), policy, now, tz=tz)
         if not before.ok:
             continue  # not renewable for another reason: the hold changes nothing for them
         await notify_reader(

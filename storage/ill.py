@@ -861,14 +861,17 @@ async def _record_by_title(session: AsyncSession, title: str, author: str) -> in
         candidates = list(await session.scalars(
             select(Record).where(func.lower(Record.title).like(title.strip().lower()[:200] + "%")).limit(10)
         ))
+    # The search's folding (simplified/traditional, diacritics): 台湾 is the title 台灣 (#20).
+    folding: Any = _catalog_function("storage.search", "fold") or str
+    wanted = norm_title(folding(title))
     for hit in candidates:
         hit = getattr(hit, "record", hit)
         # A subtitle or statement of responsibility after " : " or " / " still counts as the same title.
         full = getattr(hit, "title", "") or ""
-        if wanted not in (norm_title(full), norm_title(re.split(r"\s[:：/=]\s?|：", full)[0])):
+        if wanted not in (norm_title(folding(full)), norm_title(folding(re.split(r"\s[:：/=]\s?|：", full)[0]))):
             continue
         recorded = getattr(hit, "author", "") or ""
-        if author and recorded and not _same_author(author, recorded):
+        if author and recorded and not _same_author(folding(author), folding(recorded)):
             continue
         record_id = _record_id(hit)
         if record_id is not None:

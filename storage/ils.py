@@ -70,6 +70,7 @@ class LoanView:
     renewable: bool
     refusal: RenewalRefused | None = None
     currency: str = ""
+    refusal_details: dict[str, Any] = field(default_factory=dict)  # the numbers that explain ``refusal``
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ class LocalCirculation:
                 rules = self.policy.loan_rules(reader.category, row.item.item_type)
                 late = circ.overdue_days(row.loan.due_at, now, self.tz)
                 result = circ.renew(
-                    circ.LoanTerms(row.loan.due_at, row.loan.renewals, row.item.item_type),
+                    circ.LoanTerms(row.loan.due_at, row.loan.renewals, row.item.item_type, renewed_at=row.loan.renewed_at),
                     circ.standing(reader, fines),
                     self.policy,
                     now,
@@ -285,6 +286,7 @@ class LocalCirculation:
                         renewable=result.ok,
                         refusal=result.reason,
                         currency=self.policy.circulation.currency,
+                        refusal_details=dict(result.details),
                     )
                 )
             return views

@@ -85,6 +85,7 @@ class Incident(Base):
     escalated_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime]
     closed_at: Mapped[dt.datetime | None]
+    close_note: Mapped[str | None] = mapped_column(Text)  # a reported incident: what the duty officer found and did
 
 
 class Broadcast(Base):
@@ -326,6 +327,55 @@ async def take_incident(
     if incident.state == IncidentState.CLOSED:
         return TakeResult(TakeOutcome.CLOSED, incident)
     return TakeResult(TakeOutcome.ALREADY, incident)
+
+
+MAX_CLOSE_NOTE = 1000
+
+
+class CloseOutcome(enum.Enum):
+    CLOSED = "closed"
+    ALREADY = "already"  # closed before
+    NOT_FOUND = "not_found"  # no such reported incident (an emergency ends with its all-clear)
+
+
+async def close_report(
+    session: AsyncSession, incident_id: int, staff_id: int, staff_name: str, note: str, now: dt.datetime
+) -> CloseOutcome:
+    """A duty officer closes a reported incident with a note; the reporter is told, with the note.
+
+    Whoever closes it becomes its handler when nobody had taken it. Closing twice is refused."""
+    incident = await session.get(Incident, incident_id)
+    if incident is None or incident.source != "report":
+        return CloseOutcome.NOT_FOUND
+    won = await session.execute(
+        update(Incident)
+        .where((Incident.id == incident_id) & (Incident.state != IncidentState.CLOSED))
+        .values(
+            state=IncidentState.CLOSED, closed_at=now, close_note=note[:MAX_CLOSE_NOTE],
+            handled_by=func.coalesce(Incident.handled_by, staff_id),
+            handled_by_name=func.coalesce(Incident.handled_by_name, staff_name[:256]),
+            handled_at=func.coalesce(Incident.handled_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(won) != 1:
+        return CloseOutcome.ALREADY
+    await session.refresh(incident)
+    if incident.reporter_id is not None and incident.reporter_id != staff_id:
+        await enqueue(
+            session,
+            incident.reporter_id,
+            "incidents.reporter_closed",
+            {
+                "id": incident.id,
+                "kind": {"t": f"incidents.kind_{incident.kind}"},
+                "note": html.escape(note[:MAX_CLOSE_NOTE], quote=False),
+            },
+            kind="alert",
+            priority=Priority.ALERT,
+            dedupe_key=f"inc:{incident.id}:closed",
+        )
+    return CloseOutcome.CLOSED
 
 
 @dataclass(frozen=True)

@@ -190,8 +190,12 @@ class LoginOutcome(enum.Enum):
 
 @dataclass(frozen=True)
 class LoginResult:
+    """What became of a login. ``locked_until`` is when logging in is possible again, set when the
+    login was refused as LOCKED or when this failure used up the window's last attempt."""
+
     outcome: LoginOutcome
     reader: Reader | None = None
+    locked_until: dt.datetime | None = None
 
 
 # A real Argon2id hash of a random PIN, with the parameters of every card's hash: an unknown card is
@@ -246,6 +250,14 @@ async def _give_back(session: AsyncSession, keys: list[str]) -> None:
     )
 
 
+async def _lock_end(session: AsyncSession, keys: list[str], now: dt.datetime) -> dt.datetime | None:
+    """When the last lock among ``keys`` ends, or None when none of them is locked at ``now``."""
+    query = select(LoginLock).where(LoginLock.key.in_(keys)).execution_options(populate_existing=True)
+    rows = (await session.scalars(query)).all()
+    ends = [row.locked_until for row in rows if row.locked(now) and row.locked_until is not None]
+    return max(ends) if ends else None
+
+
 async def login(
     session: AsyncSession,
     telegram_id: int,
@@ -268,12 +280,14 @@ async def login(
     card_number = card_number.strip()[:64]
     card_key, user_key = f"card:{card_number}", f"user:{telegram_id}"
     if not await _claim_attempt(session, card_key, now):
+        until = await _lock_end(session, [card_key], now)
         await session.commit()
-        return LoginResult(LoginOutcome.LOCKED)
+        return LoginResult(LoginOutcome.LOCKED, locked_until=until)
     if not await _claim_attempt(session, user_key, now):
         await _give_back(session, [card_key])
+        until = await _lock_end(session, [user_key], now)
         await session.commit()
-        return LoginResult(LoginOutcome.LOCKED)
+        return LoginResult(LoginOutcome.LOCKED, locked_until=until)
     await session.commit()  # the attempt is counted, and SQLite's write lock released, before the slow check
     try:
         if verify is not None:
@@ -288,7 +302,7 @@ async def login(
         await session.commit()
         raise
     if not ok or reader is None:
-        return LoginResult(LoginOutcome.FAILED)
+        return LoginResult(LoginOutcome.FAILED, locked_until=await _lock_end(session, [card_key, user_key], now))
     await _give_back(session, [card_key, user_key])
     user = await session.get(User, telegram_id)
     if user is None:

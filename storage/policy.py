@@ -53,6 +53,7 @@ class LoanRules(_Strict):
     fine_per_day: float | None = Field(default=None, ge=0)
     fine_limit: float | None = Field(default=None, ge=0)
     min_days_before_due: int | None = Field(default=None, ge=0)
+    min_days_between_renewals: int | None = Field(default=None, ge=0)
 
 
 class Circulation(_Strict):
@@ -65,6 +66,9 @@ class Circulation(_Strict):
     fine_limit: float = Field(default=10.0, ge=0)
     # Renewal refused when the due date is further away than this (0 = renew any time).
     min_days_before_due: int = Field(default=0, ge=0)
+    # A loan renewed less than this many days ago is not renewed again (0 = no minimum): two presses
+    # a minute apart must not move the due date two periods out.
+    min_days_between_renewals: int = Field(default=1, ge=0)
     hold_shelf_days: int = Field(default=7, ge=1)
     non_loanable_types: list[str] = ["reference"]
     non_renewable_types: list[str] = ["reserve"]
@@ -161,7 +165,7 @@ def _default_templates() -> dict[str, Template]:
             en="FIRE at {place}. Leave the building now by the nearest exit. Do not use the lifts. Follow staff instructions. ({time})",
         ),
         "flood": Template(
-            zh="【水浸】{place}出现水浸。请远离该区域并保管好个人物品，听从工作人员指挥。（{time}）",
+            zh="【漏水】{place}出现漏水积水。请远离该区域并保管好个人物品，听从工作人员指挥。（{time}）",
             en="FLOODING at {place}. Keep away from the area and follow staff instructions. ({time})",
         ),
         "earthquake": Template(

@@ -477,7 +477,7 @@ _PG_INDEX = [
 _PG_DROP = ["DROP INDEX IF EXISTS ix_records_search_title", "DROP INDEX IF EXISTS ix_records_search_all"]
 
 
-# Revision 0013: the same vectors stored in generated columns, GIN-indexed (PostgreSQL only).
+# Revision 0009: the same vectors stored in generated columns, GIN-indexed (PostgreSQL only).
 PG_TITLE_COLUMN, PG_ALL_COLUMN = "search_title_vector", "search_vector"
 _PG_VECTORS = [
     *_PG_DROP,
@@ -496,7 +496,7 @@ _PG_VECTORS_DROP = [
 
 
 def create_search_vectors(connection: Connection) -> None:
-    """Store the search vectors in generated columns and index those (migration 0013; PostgreSQL)."""
+    """Store the search vectors in generated columns and index those (migration 0009; PostgreSQL)."""
     if connection.dialect.name == "postgresql":
         for statement in _PG_VECTORS:
             connection.exec_driver_sql(statement)
@@ -804,6 +804,7 @@ class _Candidate:
     title_tokens: str  # " token token … ": membership by substring, cheaper than a set
     tokens: str  # title, author and the rest, likewise
     shown: tuple[str, str, str, str, str]  # title, title_latin, author, year, call_number
+    match_class: int = 0  # _rank's class: 0 when the record lacks one of the query's words
 
 
 async def _match(
@@ -959,6 +960,7 @@ class SearchPage:
     total: int
     offset: int
     limit: int
+    matched_all: bool = True  # some result has every word of the query (False: only similar titles)
 
     @property
     def has_more(self) -> bool:
@@ -999,7 +1001,10 @@ async def _ranked(session: AsyncSession, query: str) -> list[_Candidate]:
                     await take(await _match(session, groups, title_only=False))
         if not found:
             await take(await _match_all_but_one(session, groups[:6]))
-    ranked = sorted(found.values(), key=lambda c: (*(-x for x in _rank(plan, c)), c.id))
+    ranks = {c.id: _rank(plan, c) for c in found.values()}
+    for c in found.values():
+        c.match_class = ranks[c.id][0]
+    ranked = sorted(found.values(), key=lambda c: (*(-x for x in ranks[c.id]), c.id))
     return ranked[:MAX_RESULTS]
 
 
@@ -1022,7 +1027,8 @@ async def search(session: AsyncSession, query: str, limit: int = 5, offset: int 
         title, title_latin, author, year, call_number = c.shown
         a = copies.get(c.id, Availability())
         hits.append(SearchHit(c.id, title, title_latin, author, year, a.call_number or call_number, a))
-    return SearchPage(query=query, hits=hits, total=len(ranked), offset=offset, limit=limit)
+    matched_all = bool(ranked) and ranked[0].match_class > 0
+    return SearchPage(query=query, hits=hits, total=len(ranked), offset=offset, limit=limit, matched_all=matched_all)
 
 
 # ---------------------------------------------------------------------------------------------

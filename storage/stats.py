@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import statistics
+import tomllib
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -393,19 +396,19 @@ LABELS: dict[str, dict[str, str]] = {
         "kind_loan": "book loans",
         "kind_copy": "article/chapter copies",
         "by_status": "By status",
-        "status_submitted": "submitted",
-        "status_in_review": "in review",
-        "status_requested": "requested from partner",
-        "status_received": "received",
-        "status_available": "available",
-        "status_completed": "completed",
-        "status_unfilled": "unfilled",
-        "status_cancelled": "cancelled",
+        "status_submitted": "[[ill_submitted]]",
+        "status_in_review": "[[ill_in_review]]",
+        "status_requested": "[[ill_requested]]",
+        "status_received": "[[ill_received]]",
+        "status_available": "[[ill_available]]",
+        "status_completed": "[[ill_completed]]",
+        "status_unfilled": "[[ill_unfilled]]",
+        "status_cancelled": "[[ill_cancelled]]",
         "fill_rate": "Fill rate",
         "fill_detail": "{rate} ({filled} filled of {decided} decided)",
         "none": "—",
-        "turnaround": "Turnaround, submission to available: average {avg} days, median {median} days (n = {n})",
-        "turnaround_none": "Turnaround, submission to available: — (no request filled yet)",
+        "turnaround": "[[turnaround]], submission to “[[ill_available]]”: average {avg} days, median {median} days (n = {n})",
+        "turnaround_none": "[[turnaround]], submission to “[[ill_available]]”: — (no request filled yet)",
         "backlog": "Open backlog now, by age",
         "age_0-2d": "under 2 days",
         "age_2-7d": "2–7 days",
@@ -415,21 +418,21 @@ LABELS: dict[str, dict[str, str]] = {
         "rating": "Satisfaction",
         "rating_detail": "{avg} / 5 (n = {n})",
         "no_ratings": "no ratings yet",
-        "tickets": "Complaints and feedback",
+        "tickets": "[[tickets]]",
         "tickets_total": "Tickets",
         "by_category": "By category",
-        "cat_service": "service",
-        "cat_environment": "environment and noise",
-        "cat_facilities": "facilities and equipment",
-        "cat_collection": "collection",
-        "cat_digital": "digital services",
-        "cat_suggestion": "suggestion or praise",
-        "cat_other": "other",
-        "tstatus_new": "new",
-        "tstatus_open": "open",
-        "tstatus_waiting_on_reader": "waiting on reader",
-        "tstatus_resolved": "resolved",
-        "tstatus_closed": "closed",
+        "cat_service": "[[cat_service]]",
+        "cat_environment": "[[cat_environment]]",
+        "cat_facilities": "[[cat_facilities]]",
+        "cat_collection": "[[cat_collection]]",
+        "cat_digital": "[[cat_digital]]",
+        "cat_suggestion": "[[cat_suggestion]]",
+        "cat_other": "[[cat_other]]",
+        "tstatus_new": "[[ticket_new]]",
+        "tstatus_open": "[[ticket_open]]",
+        "tstatus_waiting_on_reader": "[[ticket_waiting_on_reader]]",
+        "tstatus_resolved": "[[ticket_resolved]]",
+        "tstatus_closed": "[[ticket_closed]]",
         "first_response": "Median first response: {h}",
         "resolution": "Median resolution: {h}",
         "hours": "{v} hours",
@@ -445,19 +448,19 @@ LABELS: dict[str, dict[str, str]] = {
         "kind_loan": "图书借阅",
         "kind_copy": "文献复制（文章/章节）",
         "by_status": "按状态",
-        "status_submitted": "已提交",
-        "status_in_review": "审核中",
-        "status_requested": "已向合作馆申请",
-        "status_received": "已到馆",
-        "status_available": "可取/已发送",
-        "status_completed": "已完成",
-        "status_unfilled": "未满足",
-        "status_cancelled": "已取消",
+        "status_submitted": "[[ill_submitted]]",
+        "status_in_review": "[[ill_in_review]]",
+        "status_requested": "[[ill_requested]]",
+        "status_received": "[[ill_received]]",
+        "status_available": "[[ill_available]]",
+        "status_completed": "[[ill_completed]]",
+        "status_unfilled": "[[ill_unfilled]]",
+        "status_cancelled": "[[ill_cancelled]]",
         "fill_rate": "请求满足率",
         "fill_detail": "{rate}（已决 {decided} 件中满足 {filled} 件）",
         "none": "—",
-        "turnaround": "平均响应时间（提交至可取）：平均 {avg} 天，中位数 {median} 天（{n} 件）",
-        "turnaround_none": "平均响应时间（提交至可取）：—（尚无满足的请求）",
+        "turnaround": "[[turnaround]]（从提交到[[ill_available]]）：平均 {avg} 天，中位数 {median} 天（{n} 件）",
+        "turnaround_none": "[[turnaround]]（从提交到[[ill_available]]）：—（尚无满足的请求）",
         "backlog": "当前未结请求（按等待时长）",
         "age_0-2d": "2 天内",
         "age_2-7d": "2–7 天",
@@ -467,21 +470,21 @@ LABELS: dict[str, dict[str, str]] = {
         "rating": "满意度",
         "rating_detail": "{avg} / 5（{n} 个评分）",
         "no_ratings": "暂无评分",
-        "tickets": "投诉与建议",
+        "tickets": "[[tickets]]",
         "tickets_total": "工单总数",
         "by_category": "按类别",
-        "cat_service": "服务",
-        "cat_environment": "环境与噪音",
-        "cat_facilities": "设施设备",
-        "cat_collection": "馆藏",
-        "cat_digital": "数字服务",
-        "cat_suggestion": "建议或表扬",
-        "cat_other": "其他",
-        "tstatus_new": "新建",
-        "tstatus_open": "处理中",
-        "tstatus_waiting_on_reader": "等待读者回复",
-        "tstatus_resolved": "已解决",
-        "tstatus_closed": "已关闭",
+        "cat_service": "[[cat_service]]",
+        "cat_environment": "[[cat_environment]]",
+        "cat_facilities": "[[cat_facilities]]",
+        "cat_collection": "[[cat_collection]]",
+        "cat_digital": "[[cat_digital]]",
+        "cat_suggestion": "[[cat_suggestion]]",
+        "cat_other": "[[cat_other]]",
+        "tstatus_new": "[[ticket_new]]",
+        "tstatus_open": "[[ticket_open]]",
+        "tstatus_waiting_on_reader": "[[ticket_waiting_on_reader]]",
+        "tstatus_resolved": "[[ticket_resolved]]",
+        "tstatus_closed": "[[ticket_closed]]",
         "first_response": "首次响应时间中位数：{h}",
         "resolution": "解决时间中位数：{h}",
         "hours": "{v} 小时",
@@ -490,3 +493,19 @@ LABELS: dict[str, dict[str, str]] = {
         "colon": "：",
     },
 }
+
+
+# The statuses and terms above are the glossary's (bot/locales/glossary.toml, #20): the statistics
+# name them as the rest of the bot does. It is data shared by every room, read here as a file.
+_GLOSSARY: dict[str, dict[str, str]] = tomllib.loads(
+    (Path(__file__).resolve().parents[1] / "bot" / "locales" / "glossary.toml").read_text(encoding="utf-8")
+)
+
+
+def _glossed(lang: str, text: str) -> str:
+    return re.sub(r"\[\[(\w+)\]\]", lambda m: _GLOSSARY[m.group(1)][lang], text)
+
+
+for _lang, _words in LABELS.items():
+    for _key, _text in _words.items():
+        _words[_key] = _glossed(_lang, _text)

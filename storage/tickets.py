@@ -171,15 +171,20 @@ def parse_ticket_number(text: str) -> int | None:
 class TextProblem(enum.StrEnum):
     EMPTY = "empty"
     TOO_LONG = "too_long"
+    NO_WORDS = "no_words"  # only emoji, signs or punctuation: nothing staff could act on
 
 
-def text_problem(text: str | None, *, photo: bool = False) -> TextProblem | None:
-    """Why a ticket text or message cannot be taken (None when it can). A photo may stand alone."""
+def text_problem(text: str | None, *, photo: bool = False, words: bool = False) -> TextProblem | None:
+    """Why a ticket text or message cannot be taken (None when it can). A photo may stand alone.
+
+    ``words``: the text must hold at least one letter or digit (any script), as a new ticket's must."""
     stripped = (text or "").strip()
     if not stripped and not photo:
         return TextProblem.EMPTY
     if len(stripped) > MAX_TEXT:
         return TextProblem.TOO_LONG
+    if words and stripped and not any(ch.isalnum() for ch in stripped):
+        return TextProblem.NO_WORDS
     return None
 
 
@@ -418,9 +423,9 @@ async def file_ticket(
         return Filed(refused=FileRefused.BAD_CATEGORY)
     if place and place not in {p.code for p in policy.library.places}:
         return Filed(refused=FileRefused.BAD_PLACE)
-    problem = text_problem(text)
+    problem = text_problem(text, words=True)
     if problem is not None:
-        return Filed(refused=FileRefused.EMPTY if problem is TextProblem.EMPTY else FileRefused.TOO_LONG)
+        return Filed(refused=FileRefused.TOO_LONG if problem is TextProblem.TOO_LONG else FileRefused.EMPTY)
     if not await may_file(session, requester_id, policy, now):
         return Filed(refused=FileRefused.DAILY_LIMIT)
     reader = await reader_of(session, requester_id)
@@ -703,6 +708,18 @@ class Late:
     late_by: dt.timedelta
 
 
+# (with hours, minutes only, "late by") in each language: the escalation is written here, for both
+_LATE_WORDS = {"zh": ("{h} 小时 {m} 分钟", "{m} 分钟", "超时 {t}"), "en": ("{h} h {m} min", "{m} min", "{t} late")}
+
+
+def late_by_words(delta: dt.timedelta, lang: str, *, said: bool = False) -> str:
+    """A lateness in words, in ``lang``: "6 小时 33 分钟", "6 h 33 min" (``said``: "超时 …", "… late")."""
+    minutes = max(0, int(delta.total_seconds() // 60))
+    with_hours, minutes_only, late = _LATE_WORDS["zh" if lang == "zh" else "en"]
+    text = (with_hours if minutes >= 60 else minutes_only).format(h=minutes // 60, m=minutes % 60)
+    return late.format(t=text) if said else text
+
+
 def late_by_text(delta: dt.timedelta) -> str:
     """A lateness as ``h:mm`` (the same in both languages)."""
     minutes = max(0, int(delta.total_seconds() // 60))
@@ -744,7 +761,7 @@ async def escalate_late(
         chunk = late[start : start + limit]
         lines = {
             lang: "\n".join(
-                f"• {item.ticket.number} · {_in(lang, labels.category(item.ticket.category))} · +{late_by_text(item.late_by)}"
+                f"• {item.ticket.number} · {_in(lang, labels.category(item.ticket.category))} · {late_by_words(item.late_by, lang, said=True)}"
                 + (f" · {clip(owners[item.ticket.assignee_id], 60)}" if item.ticket.assignee_id else "")
                 for item in chunk
             )

@@ -23,6 +23,7 @@ from tests.auxil.chat import Chat, relax_flood_control, texts
 from tests.auxil.people import add_card, make_person, others_private_strings, seed_library
 
 NOT_ALLOWED = t("en", "common.not_allowed")
+DUTY_ONLY = t("en", "common.duty_only")
 NEEDS_LOGIN = t("en", "common.needs_login")
 UNKNOWN = t("en", "common.unknown_command")
 STALE = t("en", "common.stale_button")
@@ -33,7 +34,7 @@ VISITOR, READER, STAFF, DUTY, ADMIN = 7000, 8001, 9001, 9002, 9003
 ROLE_OF = {VISITOR: Role.VISITOR, READER: Role.READER, STAFF: Role.STAFF, DUTY: Role.DUTY_OFFICER, ADMIN: Role.ADMIN}
 # Tables a refused command or button may touch: the update claim, conversation state, and the
 # user's own row (name and language are refreshed on every message).
-BOOKKEEPING = {"processed_updates", "persisted_state", "users"}
+BOOKKEEPING = {"processed_updates", "persisted_state", "users", "user_activity"}  # who wrote when, not library data
 
 
 def _all_handlers(handlers: list[BaseHandler[Any, Any, Any]]) -> list[BaseHandler[Any, Any, Any]]:
@@ -98,7 +99,9 @@ async def test_staff_and_duty_commands_refuse_every_lower_role(bot_env: Embedded
                 before = None
             shown = [m["text"] for m in await chat.send(f"/{command}")]
             if not allowed:
-                assert shown == [NOT_ALLOWED], (command, ROLE_OF[uid].label, shown)
+                # staff asking for a duty officer's command are told whom it is for (#20)
+                refusal = DUTY_ONLY if ROLE_OF[uid] >= Role.STAFF else NOT_ALLOWED
+                assert shown == [refusal], (command, ROLE_OF[uid].label, shown)
                 continue
             assert shown, (command, ROLE_OF[uid].label)
             for text in shown:
@@ -207,13 +210,13 @@ async def test_login_brute_force_is_stopped_per_card_and_per_person(bot_env: Emb
     for n in range(5):
         assert "do not match" in texts(await Chat(bot_env, 600 + n).send("/login R9001 0000"))
     locked = texts(await Chat(bot_env, 650).send("/login R9001 8642"))  # even the right PIN, now
-    assert "paused for 15 minutes" in locked and "linked" not in locked
+    assert "paused until" in locked and "linked" not in locked
     # One account rotating cards: the account locks after five failures, whichever cards it tries.
     eve = Chat(bot_env, 666)
     for n in range(5):
         await eve.send(f"/login X{n:04d} 0000")
     locked = texts(await eve.send("/login R9002 7531"))
-    assert "paused for 15 minutes" in locked and "linked" not in locked
+    assert "paused until" in locked and "linked" not in locked
     # The owner of the second card is not affected by Eve's lock, and after the lock both work.
     assert "Your card is linked, Other Reader" in texts(await Chat(bot_env, 700).send("/login R9002 7531"))
     bot_env.move_clock(__import__("datetime").timedelta(minutes=16))

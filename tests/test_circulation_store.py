@@ -80,9 +80,15 @@ async def test_renewal_and_its_refusals_through_the_store(db: Database) -> None:
         assert theirs.result.reason == RenewalRefused.NOT_ON_LOAN and theirs.title == ""
         unknown = await circ.renew_loan(s, a.id, "XXXX", POLICY, NOW, TZ)
         assert unknown.result.reason == RenewalRefused.NOT_ON_LOAN
-        again = await circ.renew_loan(s, a.id, "R1-1", POLICY, NOW, TZ)
+        # #20: two minutes later it is not renewed again (the policy's day between renewals)
+        soon = await circ.renew_loan(s, a.id, "R1-1", POLICY, NOW + dt.timedelta(minutes=2), TZ)
+        assert soon.result.reason == RenewalRefused.RENEWED_RECENTLY
+        assert soon.result.details == {"days": 1, "from": "2025-03-11 10:00"}
+        later = NOW + dt.timedelta(days=1)
+        again = await circ.renew_loan(s, a.id, "R1-1", POLICY, later, TZ)
         assert again.result.ok  # second of two
-        limit = await circ.renew_loan(s, a.id, "R1-1", POLICY, NOW, TZ)
+        no_minimum = Policy(circulation=Circulation(min_days_between_renewals=0))
+        limit = await circ.renew_loan(s, a.id, "R1-1", no_minimum, later, TZ)
         assert limit.result.reason == RenewalRefused.LIMIT_REACHED
         assert limit.result.details == {"renewals": 2, "max_renewals": 2}
         await circ.checkin(s, "R1-1", POLICY, NOW, TZ)

@@ -132,7 +132,7 @@ async def test_only_duty_officers_see_the_incident_reports(bot_env: EmbeddedBot)
     duty = await watch(bot_env, DUTY)
     refused = await visitor.send("/incidents")
     assert "only for library staff" in refused[-1]["text"]
-    assert "only for library staff" in (await staff.send("/incidents"))[-1]["text"]
+    assert "only for the duty officers" in (await staff.send("/incidents"))[-1]["text"]
     empty = await duty.send("/incidents")
     assert "No incidents have been recorded" in empty[-1]["text"]
 

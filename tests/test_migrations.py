@@ -20,7 +20,7 @@ def _search_index_object(obj: Any, name: str | None, type_: str, reflected: bool
     if type_ == "index" and reflected and compare_to is None and (name or "").startswith("ix_records_search_"):
         return False
     if type_ == "column" and reflected and compare_to is None and name in ("search_vector", "search_title_vector"):
-        return False  # PostgreSQL's stored search vectors (revision 0013)
+        return False  # PostgreSQL's stored search vectors (revision 0009)
     return True
 
 

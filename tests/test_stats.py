@@ -115,7 +115,7 @@ async def test_text_and_csv(db: Database, monkeypatch: pytest.MonkeyPatch) -> No
     assert "Satisfaction: 4.50 / 5 (n = 2)" in en
     assert "Complaints" not in en
     zh = report.to_text("zh")
-    assert "请求满足率：66.7%" in zh and "平均响应时间" in zh and "图书借阅 5 (55.6%)" in zh
+    assert "请求满足率：66.7%" in zh and "办理周期（从提交到可领取）" in zh and "平均响应时间" not in zh and "图书借阅 5 (55.6%)" in zh
     rows = list(csv.reader(io.StringIO(report.to_csv())))
     assert rows[0] == ["section", "metric", "key", "value"]
     values = {(r[0], r[1], r[2]): r[3] for r in rows[1:]}
@@ -168,7 +168,7 @@ async def test_tickets_section_when_the_tickets_module_offers_it(db: Database, m
     assert calls == [(*local_bounds(SINCE, UNTIL, SH), NOW)]
     en = report.to_text("en")
     assert "Complaints and feedback" in en and "Tickets: 4" in en
-    assert "By category: environment and noise 3, service 1" in en
+    assert "By category: Environment and noise 3, Service 1" in en
     assert "Median first response: 2.5 hours" in en and "First-response deadline missed: 1" in en
     assert "投诉与建议" in report.to_text("zh")
     values = {(r[0], r[1], r[2]): r[3] for r in csv.reader(io.StringIO(report.to_csv()))}

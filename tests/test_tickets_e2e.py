@@ -147,7 +147,7 @@ async def test_anonymous_ticket_escalation_replies_and_auto_close(bot_env: Embed
     # Nobody answers: 25 hours later the staff chat is told once, with how late it is.
     bot_env.move_clock(dt.timedelta(hours=25))
     await bot_env.run_jobs()
-    late = (await group.wait_for(containing("+1:00")))[-1]
+    late = (await group.wait_for(containing("超时 1 小时 0 分钟")))[-1]
     assert "T-000001" in late["text"]
     await bot_env.run_jobs()  # a second run (or a second bot process) escalates nothing twice
     async with bot_env.db.session() as s:

@@ -357,8 +357,9 @@ async def test_escalation_once_per_ticket(db: Database) -> None:
         assert [item.ticket.id for item in later] == [fresh.id]  # only the one late since; none twice
     alerts = [r for r in await outbox(db) if r.text_key == "tickets.escalation"]
     assert alerts[0].chat_id == STAFF_CHAT and alerts[0].params["count"] == 2
-    assert alerts[0].params["lines"]["en"] == "• T-000001 · Environment · +2:30\n• T-000002 · Service · +1:30 · Li Na"
-    assert alerts[0].params["lines"]["zh"].startswith("• T-000001 · 环境 · +2:30")
+    # lateness in words in each language (#20: "🔴 +6:33" said nothing)
+    assert alerts[0].params["lines"]["en"] == "• T-000001 · Environment · 2 h 30 min late\n• T-000002 · Service · 1 h 30 min late · Li Na"
+    assert alerts[0].params["lines"]["zh"].startswith("• T-000001 · 环境 · 超时 2 小时 30 分钟")
     assert alerts[0].buttons == [[["=✋ T-000001", "tk:claim:1"]]]  # only the unclaimed one can be claimed
     assert fresh.id not in [item.ticket.id for item in late]
 
@@ -506,3 +507,11 @@ async def test_seed_demo_has_tickets_in_several_states(db: Database) -> None:
         assert queue and is_late(queue[0], T0)
         stats = await ticket_stats(s, None, None, T0)
         assert stats.ratings >= 1
+
+
+def test_a_new_ticket_needs_words_in_any_script() -> None:
+    """#20: a complaint of emoji only was accepted."""
+    assert text_problem("😡😡 !!", words=True) is TextProblem.NO_WORDS
+    assert text_problem("😡 打印机坏了", words=True) is None
+    assert text_problem("3", words=True) is None
+    assert text_problem("😡😡") is None  # a reply in a running conversation may be an emoji

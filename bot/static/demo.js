@@ -20,6 +20,7 @@ const TEXTS = {
     noCommands: "机器人还没有设置命令菜单。",
     offline: "与演示服务器的连接中断，正在重试…",
     sendFailed: "发送失败：",
+    sendPhoto: "发送照片",
     guest: "访客",
     guestDesc: "一位普通的 Telegram 用户",
     langLabel: "English",
@@ -41,6 +42,7 @@ const TEXTS = {
     noCommands: "The bot has not set a command menu yet.",
     offline: "Lost the connection to the demo server, retrying…",
     sendFailed: "Could not send: ",
+    sendPhoto: "Send a photo",
     guest: "Guest",
     guestDesc: "An ordinary Telegram user",
     langLabel: "中文",
@@ -60,6 +62,8 @@ const state = {
 };
 
 const $ = (sel) => document.querySelector(sel);
+// The chat a persona talks in: its private chat, or the group it is in (the staff group persona).
+const chatOf = (p) => p.chat_id ?? p.user_id;
 const t = (key) => TEXTS[state.lang][key] ?? TEXTS.en[key] ?? key;
 
 // ---------------------------------------------------------------------------------------------
@@ -70,6 +74,7 @@ function applyLanguage() {
   document.title = t("pageTitle");
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
   $("#message-input").placeholder = t("placeholder");
+  $("#photo-button").title = t("sendPhoto");
   $("#lang-toggle").textContent = t("langLabel");
   updateHeader();
   renderPersonas();
@@ -156,6 +161,7 @@ function renderPersonas() {
     const button = document.createElement("button");
     button.type = "button";
     button.dataset.userId = String(p.user_id);
+    button.dataset.chatId = String(chatOf(p));
     const name = document.createElement("span");
     name.className = "persona-name";
     name.textContent = personaLabel(p);
@@ -187,10 +193,10 @@ async function choosePersona(p) {
   $("#chat-screen").hidden = false;
   $("#switch-persona").hidden = false;
   $("#command-menu").hidden = true;
-  history.replaceState(null, "", `#user=${p.user_id}`);
+  history.replaceState(null, "", `#chat=${chatOf(p)}`);
   updateHeader();
   try {
-    const snapshot = await api(`/_emu/chats/${p.user_id}/messages`);
+    const snapshot = await api(`/_emu/chats/${chatOf(p)}/messages`);
     state.seq = snapshot.seq;
     for (const view of snapshot.messages) if (!view.deleted) renderMessage(view);
   } catch (err) {
@@ -225,7 +231,7 @@ function stopPolling() {
 async function startPolling() {
   const controller = new AbortController();
   state.poll = controller;
-  const chatId = state.persona.user_id;
+  const chatId = chatOf(state.persona);
   let delay = 500;
   while (state.poll === controller) {
     try {
@@ -504,7 +510,34 @@ function userFields() {
     username: p.username || undefined,
     // The persona's own Telegram language if it has one, else this page's language.
     language_code: p.language_code || (state.lang === "zh" ? "zh-hans" : "en"),
+    // In a group the message goes to the group (the staff group persona), as in Telegram.
+    chat_id: p.chat_id ?? undefined,
+    chat_type: p.chat_type ?? undefined,
+    chat_title: p.chat_title ?? undefined,
   };
+}
+
+async function sendPhoto(file) {
+  if (!file || !state.persona) return;
+  const input = $("#message-input");
+  const caption = input.value.trim();
+  input.value = "";
+  try {
+    const data = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+    const result = await api("/_emu/send", { ...userFields(), photo: { content_b64: data }, caption: caption || undefined });
+    if (!state.rendered.has(result.message.message_id)) {
+      renderMessage(result.message);
+      refreshChrome();
+      scrollToBottom(true);
+    }
+  } catch (err) {
+    showToast(t("sendFailed") + err.message);
+  }
 }
 
 async function sendText(text) {
@@ -546,7 +579,7 @@ async function toggleCommandMenu() {
   const fields = userFields();
   let commands = [];
   try {
-    const params = new URLSearchParams({ chat_id: p.user_id, user_id: p.user_id, language_code: fields.language_code });
+    const params = new URLSearchParams({ chat_id: chatOf(p), user_id: p.user_id, language_code: fields.language_code });
     commands = (await api(`/_emu/commands?${params}`)).commands || [];
   } catch (err) {
     commands = [];
@@ -588,8 +621,20 @@ $("#composer").addEventListener("submit", (event) => {
 $("#menu-button").addEventListener("click", toggleCommandMenu);
 $("#start-button").addEventListener("click", () => sendText("/start"));
 $("#switch-persona").addEventListener("click", backToPersonas);
+$("#photo-button").addEventListener("click", () => $("#photo-input").click());
+$("#photo-input").addEventListener("change", (event) => {
+  const file = event.target.files && event.target.files[0];
+  event.target.value = "";
+  sendPhoto(file);
+});
 $("#lang-toggle").addEventListener("click", () => {
   state.lang = state.lang === "zh" ? "en" : "zh";
+  // The person being played switches language too, as their Telegram app would: the bot answers
+  // in it from the next message (unless they chose a language with /language).
+  if (state.persona) {
+    state.persona.language_code = state.lang === "zh" ? "zh-hans" : "en";
+    updateHeader();
+  }
   try { localStorage.setItem("librarybot-demo-lang", state.lang); } catch (err) { /* private mode */ }
   applyLanguage();
 });
@@ -601,8 +646,9 @@ $("#lang-toggle").addEventListener("click", () => {
   } catch (err) { /* private mode */ }
   applyLanguage();
   await loadPersonas();
-  // Reopen the same person after a reload (#user=ID in the address).
-  const wanted = Number(new URLSearchParams(location.hash.slice(1)).get("user"));
-  const persona = state.personas.find((p) => p.user_id === wanted);
+  // Reopen the same person after a reload (#chat=ID in the address; #user=ID from older links).
+  const hash = new URLSearchParams(location.hash.slice(1));
+  const wanted = Number(hash.get("chat") ?? hash.get("user"));
+  const persona = state.personas.find((p) => chatOf(p) === wanted);
   if (persona) choosePersona(persona);
 })();

@@ -6,16 +6,16 @@ row the planner filters on its way down the candidate order recomputes its vecto
 strings; a stored vector is read, not rebuilt. Nothing changes on SQLite (FTS5 stores its own index).
 The columns are made here, in SQL, and are not part of the models (writes never name them).
 
-Revision ID: 0013
-Revises: 0005
+Revision ID: 0009
+Revises: 0008
 """
 
 from alembic import op
 
 from storage.search import create_search_vectors, drop_search_vectors
 
-revision = "0013"
-down_revision = "0003"  # the head of main when branched; the lead re-chains
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -1,15 +1,15 @@
 """Reference desk (#16): the answer base, desk duty, conversations with their messages, saved replies.
 
-Revision ID: 0007
-Revises: 0002
+Revision ID: 0006
+Revises: 0005
 """
 import sqlalchemy as sa
 from alembic import op
 
 import storage.db
 
-revision = "0007"
-down_revision = "0009"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,15 +1,15 @@
 """The staff group's current id and availability (a supergroup upgrade, the bot removed).
 
-Revision ID: 0005
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 """
 import sqlalchemy as sa
 from alembic import op
 
 import storage.db
 
-revision = "0005"
-down_revision = "0008"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,7 @@
 """Events and programmes (#17): events, registrations with the waiting list and check-in codes,
 feedback ratings (with the organising staff member) and category subscriptions.
 
-Revision ID: 0008
+Revision ID: 0003
 Revises: 0002
 """
 import sqlalchemy as sa
@@ -9,8 +9,8 @@ from alembic import op
 
 import storage.db
 
-revision = '0008'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

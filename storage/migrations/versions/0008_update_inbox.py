@@ -2,8 +2,8 @@
 ``processed_updates`` gains the update's content, the process holding it and its lease, the number
 of attempts, and when it was done.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0008
+Revises: 0007
 """
 
 import sqlalchemy as sa
@@ -11,8 +11,8 @@ from alembic import op
 
 import storage.db
 
-revision = "0003"
-down_revision = "0010"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

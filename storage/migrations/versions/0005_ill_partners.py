@@ -2,8 +2,8 @@
 (the rota), the durable queue of outgoing messages, the incoming messages already processed, and the
 partners' lending requests.
 
-Revision ID: 0009
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
@@ -11,8 +11,8 @@ from alembic import op
 
 import storage.db
 
-revision = "0009"
-down_revision = "0005"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -2,16 +2,16 @@
 answers keyed by a random token), the last day each person used the bot, and the names of staff
 members kept for the quality report after they leave the staff list.
 
-Revision ID: 0010
-Revises: 0008
+Revision ID: 0007
+Revises: 0006
 """
 import sqlalchemy as sa
 from alembic import op
 
 import storage.db
 
-revision = '0010'
-down_revision = '0007'
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
