@@ -791,6 +791,9 @@ class Emulator(GroupControls):
             update["update_id"] = self._new_update_id()
         else:
             self._next_update_id = max(self._next_update_id, int(update["update_id"]) + 1)
+        message = update.get("message") or {}
+        if (message.get("chat") or {}).get("type") == "private" and "from" in message:
+            self._started.add(int(message["from"]["id"]))  # writing to the bot is what lets it write back
         self._emit_update(update)
         return int(update["update_id"])
 
