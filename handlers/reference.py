@@ -92,6 +92,18 @@ def _state(context: ContextTypes.DEFAULT_TYPE) -> dict[str, Any]:
     return state
 
 
+async def _next_message_is(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: str, prompt: str) -> None:
+    """A staff button whose answer is the next message (a note, a record search, an answer to save):
+    remember what it is for, and ask for it."""
+    me = await who(update, context)
+    number = _conversation_button(update)
+    await answer(update, context, lang=me.lang)
+    if number is None:
+        return
+    _state(context)["pending"] = f"{pending}:{number}"
+    await reply(update, context, prompt, lang=me.lang)
+
+
 def _set_live(app: Application, user_id: int, conversation_id: int | None) -> None:  # type: ignore[type-arg]
     """Mark (or unmark) a person as in a conversation — also someone else than the update's sender,
     whose data is then saved with this update's."""
@@ -412,13 +424,7 @@ def _conversation_button(update: Update) -> int | None:
 @requires(Role.STAFF)
 async def note_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """"Note": the next message is an internal note, never sent to the reader."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
-    if number is None:
-        return
-    _state(context)["pending"] = f"note:{number}"
-    await reply(update, context, "reference.note_prompt", lang=me.lang)
+    await _next_message_is(update, context, "note", "reference.note_prompt")
 
 
 @requires(Role.STAFF)
@@ -465,13 +471,7 @@ async def saved_add_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) 
 @requires(Role.STAFF)
 async def record_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """"Share a record": the next message is a catalog search whose results can be shared."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
-    if number is None:
-        return
-    _state(context)["pending"] = f"record:{number}"
-    await reply(update, context, "reference.record_prompt", lang=me.lang)
+    await _next_message_is(update, context, "record", "reference.record_prompt")
 
 
 async def _record_query(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, number: int, query: str) -> None:
@@ -685,13 +685,7 @@ async def save_as_is_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE)
 @requires(Role.STAFF)
 async def save_write_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Write the answer to save (``rf:savew:<conversation>``): the next message."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
-    if number is None:
-        return
-    _state(context)["pending"] = f"save:{number}"
-    await reply(update, context, "reference.save_prompt", lang=me.lang)
+    await _next_message_is(update, context, "save", "reference.save_prompt")
 
 
 async def _save_written(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, number: int, text: str) -> None:
