@@ -87,6 +87,7 @@ async def test_a_4000_character_emergency_with_ampersands_reaches_staff_whole(bo
 
 async def test_a_push_whose_formatting_is_refused_goes_out_as_plain_text(bot_env: EmbeddedBot) -> None:
     staff = await watch(bot_env, STAFF)
+    bot_env.emulator.started(STAFF)  # they pressed Start long ago: the bot may write to them
     async with bot_env.db.session() as s:  # a parameter that was not escaped: "<" opens no tag
         await enqueue(s, STAFF, "incidents.literal", {"text": "Smoke on 3F <east stairs> & lift"}, kind="test")
     got = await latest(staff, "Smoke on 3F", within=20)

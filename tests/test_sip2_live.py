@@ -211,7 +211,7 @@ async def test_a_reader_with_loans_lists_renews_and_sees_fines(bot: EmbeddedBot,
     # (1) The system stops answering: availability is the catalogue's, and says so.
     live.stop()
     stale = plain(await dj.press_data(shown[-1]["message_id"], f"search:rec:{record}"))
-    assert "2 of 2 on shelf" in stale and "as last recorded in the catalogue" in stale
+    assert "All 2 on shelf" in stale and "as last recorded in the catalogue" in stale
     assert NOT_ANSWERING in plain(await dj.send("/loans"))
 
 
