@@ -70,6 +70,10 @@ from storage.staffchat import StaffChatState
 
 log = logging.getLogger(__name__)
 
+# The dispatchers running in this process (the demo and the tests run several bots in one process):
+# a worker id of this pid that is not among them belongs to a dispatcher that stopped or died.
+LIVE_WORKERS: set[str] = set()
+
 REPLY_PRIORITY = -10  # answers to people chatting with the bot go before every push
 MAX_ATTEMPTS = 8
 LEASE = dt.timedelta(seconds=20)
@@ -468,6 +472,7 @@ class Dispatcher:
     # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        LIVE_WORKERS.add(self.worker)
         self.sender = self._own_sender()
         outbox.add_listener(self.wake)
         self.task = asyncio.create_task(self._run(), name="outbox-dispatcher")
@@ -477,6 +482,7 @@ class Dispatcher:
         """Stop taking rows, let the messages already handed to Telegram finish, put the others back."""
         outbox.remove_listener(self.wake)
         self.stopping = True
+        LIVE_WORKERS.discard(self.worker)
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -588,8 +594,8 @@ class Dispatcher:
         if host != self.host or worker == self.worker or not pid_text.isdigit():
             return False
         pid = int(pid_text)
-        if pid == os.getpid():
-            return True  # this pid is ours now, so its former owner is gone
+        if pid == os.getpid():  # this pid is ours now: gone unless another dispatcher of this process runs
+            return worker not in LIVE_WORKERS
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
