@@ -95,9 +95,7 @@ def _state(context: ContextTypes.DEFAULT_TYPE) -> dict[str, Any]:
 async def _next_message_is(update: Update, context: ContextTypes.DEFAULT_TYPE, pending: str, prompt: str) -> None:
     """A staff button whose answer is the next message (a note, a record search, an answer to save):
     remember what it is for, and ask for it."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
+    me, number = await _conversation_pressed(update, context)
     if number is None:
         return
     _state(context)["pending"] = f"{pending}:{number}"
@@ -421,6 +419,14 @@ def _conversation_button(update: Update) -> int | None:
     return _arg(update.callback_query.data, 2)
 
 
+async def _conversation_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> tuple[Who, int | None]:
+    """Who pressed a conversation's staff button, and which conversation (None: forged data); the
+    press is answered."""
+    me = await who(update, context)
+    await answer(update, context, lang=me.lang)
+    return me, _conversation_button(update)
+
+
 @requires(Role.STAFF)
 async def note_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """"Note": the next message is an internal note, never sent to the reader."""
@@ -430,9 +436,7 @@ async def note_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> No
 @requires(Role.STAFF)
 async def saved_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """"Saved replies": the desk's saved replies as buttons, and one to keep the last message sent."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
+    me, number = await _conversation_pressed(update, context)
     if number is None:
         return
     async with services(context).db.session() as session:
@@ -512,9 +516,7 @@ async def share_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> N
 @requires(Role.STAFF)
 async def handover_pressed(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """"Hand over": colleagues on duty who are free, as buttons."""
-    me = await who(update, context)
-    number = _conversation_button(update)
-    await answer(update, context, lang=me.lang)
+    me, number = await _conversation_pressed(update, context)
     if number is None:
         return
     async with services(context).db.session() as session:
